@@ -1,0 +1,536 @@
+"""Dependency tracking and release: the engine's hot path.
+
+Everything here is synchronous and runs on the engine's loop thread, except
+:meth:`Scheduler.report_threadsafe`. A task call registers a future and counts
+its unfinished dependencies; each finishing task decrements its dependents'
+counts and queues those that reach zero; one loop callback per iteration
+hands the queued tasks to their backends in batches. Nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .errors import DependencyFailureError
+from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskState
+
+if TYPE_CHECKING:
+    from .backends.base import ExecutionBackend
+    from .engine import WorkflowEngine
+
+log = logging.getLogger("asyncflow.scheduler")
+
+PENDING = TaskState.PENDING
+RUNNING = TaskState.RUNNING
+DONE = TaskState.DONE
+FAILED = TaskState.FAILED
+CANCELLED = TaskState.CANCELLED
+_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+
+FUNCTION = TaskKind.FUNCTION
+EXECUTABLE = TaskKind.EXECUTABLE
+PROMPT = TaskKind.PROMPT
+BLOCK = TaskKind.BLOCK
+
+_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
+_set_result = asyncio.Future.set_result
+_set_exception = asyncio.Future.set_exception
+_future_cancel = asyncio.Future.cancel
+
+#: Marks a task whose executable/prompt body is still being evaluated.
+_PREPARING = object()
+
+
+def _scan(value: Any, found: list[TaskFuture]) -> None:
+    kind = type(value)
+    if kind is TaskFuture:
+        found.append(value)
+    elif kind in _CONTAINERS:
+        for item in value.values() if kind is dict else value:
+            if type(item) is TaskFuture:
+                found.append(item)
+
+
+def find_dependencies(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[TaskFuture] | None:
+    """Futures among the arguments, one level into list/tuple/set/dict values."""
+    found: list[TaskFuture] = []
+    for value in args:
+        _scan(value, found)
+    for value in kwargs.values():
+        _scan(value, found)
+    if not found:
+        return None
+    if len(found) > 1:
+        found = list(dict.fromkeys(found))
+    return found
+
+
+def _resolve(value: Any) -> Any:
+    kind = type(value)
+    if kind is TaskFuture:
+        return value.result()
+    if kind in _CONTAINERS:
+        if kind is dict:
+            if any(type(v) is TaskFuture for v in value.values()):
+                return {
+                    k: v.result() if type(v) is TaskFuture else v
+                    for k, v in value.items()
+                }
+        elif any(type(v) is TaskFuture for v in value):
+            return kind(v.result() if type(v) is TaskFuture else v for v in value)
+    return value
+
+
+def _names(tasks: Iterable[TaskFuture]) -> list[str]:
+    return [f"{t.name} ({t.uid})" for t in tasks]
+
+
+class Scheduler:
+    """Per-engine task graph bookkeeping; also the backends' TaskReporter."""
+
+    def __init__(
+        self,
+        engine: WorkflowEngine,
+        loop: asyncio.AbstractEventLoop,
+        default_backend: ExecutionBackend,
+    ) -> None:
+        self._engine = engine
+        self._loop = loop
+        self.default_backend = default_backend
+        self.block_var: contextvars.ContextVar[TaskFuture | None] = (
+            contextvars.ContextVar(f"asyncflow.block.{id(self):x}", default=None)
+        )
+        self.live: set[TaskFuture] = set()
+        self.closing = False
+        self._counter = 0
+        self._ready: list[TaskFuture] = []
+        self._flush_scheduled = False
+        self._flushing = False
+        self._inbox: deque[tuple[TaskFuture, bool, Any]] = deque()
+        self._drain_scheduled = False
+
+    # -- registration -------------------------------------------------------
+
+    def register(
+        self, definition: TaskDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskFuture:
+        name = definition.name
+        if self.closing:
+            raise RuntimeError(
+                f"cannot call task {name!r}: workflow engine {self._engine.uid!r} "
+                "has been shut down; create a new engine to run more work"
+            )
+        description = definition.description
+        workflow_id = None
+        if kwargs:
+            if "task_description" in kwargs:
+                extra = kwargs.pop("task_description")
+                if extra is not None:
+                    if not isinstance(extra, dict):
+                        raise TypeError(
+                            f"task {name!r}: task_description must be a dict, "
+                            f"got {type(extra).__name__}"
+                        )
+                    description = {**description, **extra}
+            if "workflow_id" in kwargs:
+                workflow_id = kwargs.pop("workflow_id")
+        deps = find_dependencies(args, kwargs) if args or kwargs else None
+        if deps is not None:
+            for dep in deps:
+                if dep._engine is not self._engine:
+                    raise ValueError(
+                        f"task {name!r} was given the future of {dep.name!r} "
+                        f"({dep.uid}) from another WorkflowEngine; dependencies "
+                        "must come from the same engine"
+                    )
+
+        self._counter += 1
+        task = TaskFuture(loop=self._loop)
+        task.uid = (
+            f"{'block' if definition.kind is BLOCK else 'task'}.{self._counter:06d}"
+        )
+        task.name = name
+        task.state = PENDING
+        task.args = args
+        task.kwargs = kwargs
+        task.workflow_id = workflow_id
+        task._engine = self._engine
+        task._definition = definition
+        task._description = description
+        task._dependents = None
+        task._members = None
+        task._handle = None
+        task._command = None
+        task._deps = deps
+        task._waiting = 0
+        block = self.block_var.get()
+        task._block = block
+        if block is not None:
+            if block._members is None:
+                block._members = set()
+            block._members.add(task)
+        self.live.add(task)
+
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "registered %s %r depends on %s",
+                task.uid,
+                name,
+                _names(deps) if deps else "nothing",
+            )
+
+        if deps is None:
+            self._release(task)
+            return task
+        failed = cancelled = None
+        for dep in deps:
+            state = dep.state
+            if state is DONE:
+                continue
+            if state is FAILED:
+                failed = dep
+            elif state is CANCELLED:
+                cancelled = dep
+            else:
+                task._waiting += 1
+                if dep._dependents is None:
+                    dep._dependents = [task]
+                else:
+                    dep._dependents.append(task)
+        if failed is not None:
+            self._finish(task, FAILED, self._dependency_error(task, failed))
+        elif cancelled is not None:
+            self._finish(task, CANCELLED, self._cancel_message(cancelled))
+        elif task._waiting == 0:
+            self._release(task)
+        return task
+
+    # -- release and dispatch -----------------------------------------------
+
+    def _release(self, task: TaskFuture) -> None:
+        self._ready.append(task)
+        if not (self._flush_scheduled or self._flushing):
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                self._dispatch(batch)
+        finally:
+            self._flushing = False
+
+    def _flush_if_ready(self) -> None:
+        if self._ready and not self._flushing:
+            self._flush()
+
+    def _dispatch(self, batch: list[TaskFuture]) -> None:
+        default = self.default_backend
+        groups: dict[ExecutionBackend, list[TaskFuture]] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
+        for task in batch:
+            if task.state is not PENDING:  # cancelled while queued
+                continue
+            if task._deps is not None:
+                task.args = tuple([_resolve(a) for a in task.args])
+                if task.kwargs:
+                    task.kwargs = {k: _resolve(v) for k, v in task.kwargs.items()}
+            definition = task._definition
+            kind = definition.kind
+            task.state = RUNNING
+            if kind is BLOCK:
+                task._handle = self._loop.create_task(self._run_block(task))
+                if debug:
+                    log.debug("started block %s %r", task.uid, task.name)
+                continue
+            backend = definition.backend or default
+            if kind not in backend.kinds:
+                self.failed(task, self._unsupported(task, backend))
+                continue
+            if kind is not FUNCTION and not self._prepare(task):
+                continue
+            group = groups.get(backend)
+            if group is None:
+                groups[backend] = [task]
+            else:
+                group.append(task)
+        for backend, tasks in groups.items():
+            self._submit(backend, tasks, debug)
+
+    def _submit(
+        self, backend: ExecutionBackend, tasks: list[TaskFuture], debug: bool
+    ) -> None:
+        if debug:
+            for task in tasks:
+                log.debug(
+                    "submitted %s %r to backend %r", task.uid, task.name, backend.name
+                )
+        try:
+            backend.submit(tasks)
+        except Exception as exc:
+            log.error(
+                "backend %r failed to accept %d task(s)",
+                backend.name,
+                len(tasks),
+                exc_info=True,
+            )
+            for task in tasks:
+                if task.state is RUNNING:
+                    self._finish(task, FAILED, exc)
+
+    def _prepare(self, task: TaskFuture) -> bool:
+        """Evaluate an executable/prompt body; True once the command is ready."""
+        definition = task._definition
+        try:
+            body = definition.function(*task.args, **task.kwargs)
+        except Exception as exc:
+            self._finish(task, FAILED, exc)
+            return False
+        if not definition.is_async:
+            return self._accept_command(task, body)
+        task._command = _PREPARING
+        task._handle = self._loop.create_task(self._finish_preparing(task, body))
+        return False
+
+    async def _finish_preparing(self, task: TaskFuture, body: Any) -> None:
+        self.block_var.set(task._block)
+        try:
+            command = await body
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            self._finish(task, FAILED, exc)
+            return
+        if task.state is not RUNNING or self.closing:
+            return
+        task._handle = None
+        if self._accept_command(task, command):
+            backend = task._definition.backend or self.default_backend
+            self._submit(backend, [task], log.isEnabledFor(logging.DEBUG))
+        self._flush_if_ready()
+
+    def _accept_command(self, task: TaskFuture, command: Any) -> bool:
+        if not isinstance(command, str) or not command.strip():
+            what = "command" if task._definition.kind is EXECUTABLE else "prompt"
+            self._finish(
+                task,
+                FAILED,
+                ValueError(
+                    f"{task._definition.kind} task {task.name!r} ({task.uid}) must "
+                    f"return a non-empty {what} string, got {command!r}"
+                ),
+            )
+            return False
+        task._command = command
+        return True
+
+    @staticmethod
+    def _unsupported(task: TaskFuture, backend: ExecutionBackend) -> Exception:
+        return NotImplementedError(
+            f"backend {backend.name!r} ({type(backend).__name__}) cannot run "
+            f"{task.kind} task {task.name!r}; route it to a backend that can with "
+            f"@flow.{task.kind}_task(backend=...)"
+        )
+
+    async def _run_block(self, block: TaskFuture) -> None:
+        self.block_var.set(block)
+        definition = block._definition
+        try:
+            if definition.is_async:
+                value = await definition.function(*block.args, **block.kwargs)
+            else:
+                value = definition.function(*block.args, **block.kwargs)
+        except asyncio.CancelledError:
+            if not self.closing:
+                self._finish(block, CANCELLED, None)
+            return
+        except Exception as exc:
+            if not self.closing:
+                self._finish(block, FAILED, exc)
+        else:
+            if not self.closing:
+                self._finish(block, DONE, value)
+        self._flush_if_ready()
+
+    # -- TaskReporter ---------------------------------------------------------
+
+    def succeeded(self, task: TaskFuture, result: object) -> None:
+        if not self.closing:
+            self._finish(task, DONE, result)
+            self._flush_if_ready()
+
+    def failed(self, task: TaskFuture, error: BaseException) -> None:
+        if not self.closing:
+            self._finish(task, FAILED, error)
+            self._flush_if_ready()
+
+    def report_threadsafe(self, task: TaskFuture, ok: bool, value: object) -> None:
+        self._inbox.append((task, ok, value))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed; nobody is listening
+                pass
+
+    def _drain(self) -> None:
+        # Reset the flag before draining: a report appended after this point
+        # either is drained below or schedules another drain.
+        self._drain_scheduled = False
+        inbox = self._inbox
+        if self.closing:
+            inbox.clear()
+            return
+        finish = self._finish
+        while inbox:
+            task, ok, value = inbox.popleft()
+            if ok:
+                finish(task, DONE, value)
+            else:
+                if isinstance(value, asyncio.CancelledError):
+                    value = RuntimeError(
+                        f"task {task.name!r} was cancelled in its worker"
+                    )
+                finish(task, FAILED, value)
+        self._flush_if_ready()
+
+    # -- completion and propagation --------------------------------------------
+
+    def _finish(self, task: TaskFuture, state: TaskState, value: Any) -> None:
+        """Settle a task and propagate to its dependents, iteratively."""
+        stack: list[tuple[TaskFuture, TaskState, Any]] = []
+        debug = log.isEnabledFor(logging.DEBUG)
+        while True:
+            if task.state not in _TERMINAL:
+                self._settle(task, state, value, debug)
+                dependents = task._dependents
+                if dependents is not None:
+                    task._dependents = None
+                    if state is DONE:
+                        for dep in dependents:
+                            if dep.state is PENDING:
+                                dep._waiting -= 1
+                                if dep._waiting == 0:
+                                    # Every caller that can settle a task DONE
+                                    # flushes the ready list right after.
+                                    self._ready.append(dep)
+                    elif state is FAILED:
+                        # Its error is carried on by the dependents' errors.
+                        task._log_traceback = False
+                        for dep in dependents:
+                            if dep.state is PENDING:
+                                stack.append(
+                                    (dep, FAILED, self._dependency_error(dep, task))
+                                )
+                    else:
+                        message = self._cancel_message(task)
+                        for dep in dependents:
+                            if dep.state is PENDING:
+                                stack.append((dep, CANCELLED, message))
+            if not stack:
+                return
+            task, state, value = stack.pop()
+
+    def _settle(
+        self, task: TaskFuture, state: TaskState, value: Any, debug: bool
+    ) -> None:
+        task.state = state
+        if state is DONE:
+            _set_result(task, value)
+        elif state is FAILED:
+            if not isinstance(value, Exception) or isinstance(value, StopIteration):
+                # SystemExit & co. would tear down whoever awaits the future.
+                wrapped = RuntimeError(f"task {task.name!r} raised {value!r}")
+                if isinstance(value, BaseException):
+                    wrapped.__cause__ = value
+                value = wrapped
+            _set_exception(task, value)
+            if type(value) is DependencyFailureError:
+                task._log_traceback = False
+        else:
+            _future_cancel(task, value)
+        self.live.discard(task)
+        block = task._block
+        if block is not None:
+            task._block = None
+            if block._members is not None:
+                block._members.discard(task)
+        task._deps = None
+        task._handle = None
+        if debug:
+            if state is FAILED:
+                log.debug(
+                    "%s %r FAILED", task.uid, task.name, exc_info=task.exception()
+                )
+            else:
+                log.debug("%s %r %s", task.uid, task.name, state.value)
+
+    def _dependency_error(
+        self, task: TaskFuture, failed: TaskFuture
+    ) -> DependencyFailureError:
+        error = failed.exception()
+        root = error.root_cause if isinstance(error, DependencyFailureError) else error
+        failed_deps = [d for d in task._deps or () if d.state is FAILED] or [failed]
+        names = [d.name for d in failed_deps]
+        return DependencyFailureError(
+            f"task {task.name!r} ({task.uid}) did not run: its dependency "
+            f"{', '.join(map(repr, names))} failed ({type(root).__name__}: {root})",
+            failed_dependencies=names,
+            root_cause=root,
+        )
+
+    @staticmethod
+    def _cancel_message(dep: TaskFuture) -> str:
+        return f"dependency {dep.name!r} ({dep.uid}) was cancelled"
+
+    # -- cancellation and shutdown ----------------------------------------------
+
+    def stop_work(self, task: TaskFuture) -> None:
+        """Ask whoever runs a RUNNING task to stop it; its state is unchanged."""
+        handle = task._handle
+        if task._definition.kind is BLOCK or task._command is _PREPARING:
+            if handle is not None:
+                handle.cancel()
+            return
+        backend = task._definition.backend or self.default_backend
+        try:
+            backend.cancel(task)
+        except Exception:
+            log.warning(
+                "backend %r failed to cancel %s", backend.name, task.uid, exc_info=True
+            )
+
+    def cancel(self, task: TaskFuture, msg: Any | None) -> None:
+        if task.state is RUNNING:
+            self.stop_work(task)
+            members = task._members
+            if members:
+                for member in list(members):
+                    member.cancel(msg)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("cancelling %s %r", task.uid, task.name)
+        self._finish(task, CANCELLED, msg)
+
+    def cancel_all(self, msg: str) -> int:
+        """Settle every unfinished task as CANCELLED (work already stopped)."""
+        count = 0
+        for task in list(self.live):
+            if task.state not in _TERMINAL:
+                self._finish(task, CANCELLED, msg)
+                count += 1
+        return count
+
+    def running(self) -> list[TaskFuture]:
+        return [t for t in self.live if t.state is RUNNING]

@@ -1,0 +1,149 @@
+"""Running executable tasks as asyncio subprocesses, a bounded number at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import ExecutableError
+from ..tasks import TaskFuture, TaskState
+from .base import TaskReporter
+
+log = logging.getLogger("asyncflow.backends.subprocess")
+
+#: Seconds between SIGTERM and SIGKILL when a command is stopped.
+TERMINATE_GRACE = 3.0
+
+
+def _environment(overrides: Mapping[str, Any] | None) -> dict[str, str] | None:
+    if not overrides:
+        return None
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in overrides.items()})
+    return env
+
+
+def _kill_group(proc: asyncio.subprocess.Process, sig: int) -> None:
+    # Each command leads its own session, so its pid is its process group:
+    # signalling the group also reaches what a shell command started.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the command's process group, then SIGKILL it after ``grace``."""
+    _kill_group(proc, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except asyncio.TimeoutError:
+        pass
+    _kill_group(proc, signal.SIGKILL)
+    await proc.wait()
+
+
+async def run_command(task: TaskFuture, grace: float = TERMINATE_GRACE) -> str:
+    """Run ``task.command``; return its stdout or raise :class:`ExecutableError`."""
+    command = task.command
+    desc = task.task_description
+    common: dict[str, Any] = {
+        "stdin": asyncio.subprocess.DEVNULL,
+        "stdout": asyncio.subprocess.PIPE,
+        "stderr": asyncio.subprocess.PIPE,
+        "start_new_session": True,
+        "env": _environment(desc.get("env")),
+        "cwd": desc.get("cwd"),
+    }
+    if desc.get("shell", True):
+        proc = await asyncio.create_subprocess_shell(command, **common)
+    else:
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+        proc = await asyncio.create_subprocess_exec(*argv, **common)
+    try:
+        out, err = await proc.communicate()
+    except BaseException:
+        # Cancelled (or the loop is going down): the command must not outlive
+        # its task. Shield the clean-up from a second cancellation.
+        await asyncio.shield(terminate(proc, grace))
+        raise
+    stdout = out.decode(errors="replace")
+    if proc.returncode:
+        raise ExecutableError(
+            task.name,
+            command,
+            proc.returncode,
+            stdout,
+            err.decode(errors="replace"),
+        )
+    return stdout
+
+
+class SubprocessRunner:
+    """Runs at most ``limit`` commands at once; the rest wait in a queue.
+
+    Only running commands have a coroutine; queued ones are plain records.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"subprocess limit must be at least 1, got {limit}")
+        self.limit = limit
+        self._queue: deque[TaskFuture] = deque()
+        self._running: set[asyncio.Task[None]] = set()
+        self._reporter: TaskReporter | None = None
+        self._closed = False
+
+    def bind(self, reporter: TaskReporter) -> None:
+        self._reporter = reporter
+
+    def submit(self, task: TaskFuture) -> None:
+        self._queue.append(task)
+        self._pump()
+
+    def _pump(self) -> None:
+        queue = self._queue
+        while queue and len(self._running) < self.limit and not self._closed:
+            task = queue.popleft()
+            if task.state is not TaskState.RUNNING:
+                continue
+            runner = asyncio.get_running_loop().create_task(self._run(task))
+            task._handle = runner
+            self._running.add(runner)
+
+    async def _run(self, task: TaskFuture) -> None:
+        reporter = self._reporter
+        assert reporter is not None
+        try:
+            stdout = await run_command(task)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            reporter.failed(task, exc)
+        else:
+            reporter.succeeded(task, stdout)
+        finally:
+            current = asyncio.current_task()
+            if current is not None:
+                self._running.discard(current)
+            self._pump()
+
+    def cancel(self, task: TaskFuture) -> None:
+        handle = task._handle
+        if isinstance(handle, asyncio.Task):
+            handle.cancel()
+        # A queued task is skipped by _pump once it is no longer RUNNING.
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        self._queue.clear()
+        running = list(self._running)
+        for runner in running:
+            runner.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)

@@ -1,0 +1,86 @@
+"""The execution-backend interface.
+
+A backend receives batches of ready tasks and reports each outcome by event,
+through the :class:`TaskReporter` the engine hands it when it is attached.
+The engine never polls a backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..tasks import TaskFuture, TaskKind
+
+__all__ = ["ExecutionBackend", "TaskReporter"]
+
+
+class TaskReporter(Protocol):
+    """How a backend tells the engine what happened to a task.
+
+    ``succeeded``/``failed`` must be called on the engine's event-loop
+    thread. ``report_threadsafe`` may be called from any thread; reports are
+    delivered to the loop in batches. Reports about tasks that are already
+    finished (for instance cancelled meanwhile) are ignored.
+    """
+
+    def succeeded(self, task: TaskFuture, result: object) -> None: ...
+
+    def failed(self, task: TaskFuture, error: BaseException) -> None: ...
+
+    def report_threadsafe(self, task: TaskFuture, ok: bool, value: object) -> None:
+        """``ok=True``: ``value`` is the result; otherwise it is the exception."""
+
+
+class ExecutionBackend(abc.ABC):
+    """Base class of execution backends.
+
+    Lifecycle: the engine calls :meth:`attach` once (from
+    ``WorkflowEngine.create``), then :meth:`submit` for each batch of ready
+    tasks and :meth:`cancel` for running tasks the user cancels, and finally
+    :meth:`shutdown`, which must stop running work and release resources.
+    """
+
+    #: Task kinds this backend can run; others fail with NotImplementedError.
+    kinds: frozenset[TaskKind] = frozenset(
+        {TaskKind.FUNCTION, TaskKind.EXECUTABLE, TaskKind.PROMPT}
+    )
+
+    def __init__(self, name: str = "default") -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"backend name must be a non-empty string, got {name!r}")
+        self.name = name
+        self._reporter: TaskReporter | None = None
+
+    @property
+    def reporter(self) -> TaskReporter:
+        if self._reporter is None:
+            raise RuntimeError(
+                f"backend {self.name!r} is not attached to a WorkflowEngine"
+            )
+        return self._reporter
+
+    async def attach(self, reporter: TaskReporter) -> None:
+        """Bind the backend to one engine; start whatever it needs."""
+        if self._reporter is not None:
+            raise RuntimeError(
+                f"backend {self.name!r} is already attached to a WorkflowEngine; "
+                "create one backend object per engine"
+            )
+        self._reporter = reporter
+
+    @abc.abstractmethod
+    def submit(self, tasks: Sequence[TaskFuture]) -> None:
+        """Start the given tasks. Must not block; called on the loop thread."""
+
+    @abc.abstractmethod
+    def cancel(self, task: TaskFuture) -> None:
+        """Stop a running task's work as far as possible (best effort)."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop all work and release threads, processes and connections."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,224 @@
+"""Run tasks in a local thread pool or process pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import cloudpickle
+
+from ..tasks import TaskFuture, TaskKind, TaskState
+from ._subprocess import SubprocessRunner
+from .base import ExecutionBackend, TaskReporter
+
+__all__ = ["LocalExecutionBackend"]
+
+log = logging.getLogger("asyncflow.backends.local")
+
+_RUNNING = TaskState.RUNNING
+
+
+class _ThreadLoop:
+    """A worker thread's long-lived event loop, closed when the thread ends."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def __del__(self) -> None:
+        self.loop.close()
+
+
+_local = threading.local()
+
+
+def _worker_loop() -> asyncio.AbstractEventLoop:
+    try:
+        holder: _ThreadLoop = _local.holder
+    except AttributeError:
+        holder = _local.holder = _ThreadLoop()
+    return holder.loop
+
+
+def _call_in_thread(task: TaskFuture, report: Callable[..., None]) -> None:
+    if task.state is not _RUNNING:  # cancelled while queued in the pool
+        return
+    definition = task._definition
+    try:
+        if definition.is_async:
+            loop = _worker_loop()
+            runner = loop.create_task(definition.function(*task.args, **task.kwargs))
+            task._handle = (loop, runner)
+            if task.state is not _RUNNING:
+                runner.cancel()
+            value = loop.run_until_complete(runner)
+        else:
+            value = definition.function(*task.args, **task.kwargs)
+    except BaseException as exc:  # a bad body must not kill the worker thread
+        report(task, False, exc)
+    else:
+        report(task, True, value)
+
+
+def _call_in_process(payload: bytes) -> Any:
+    function, is_async, args, kwargs = cloudpickle.loads(payload)
+    if is_async:
+        return _worker_loop().run_until_complete(function(*args, **kwargs))
+    return function(*args, **kwargs)
+
+
+def _process_done(
+    task: TaskFuture, report: Callable[..., None], future: Future[Any]
+) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is None:
+        report(task, True, future.result())
+    else:
+        report(task, False, error)
+
+
+class LocalExecutionBackend(ExecutionBackend):
+    """Runs function tasks in a ``ThreadPoolExecutor`` or ``ProcessPoolExecutor``.
+
+    ``async def`` bodies run on a long-lived event loop inside the worker, so
+    blocking code in them never stalls the engine. In a process pool the body
+    and its arguments travel with cloudpickle, so closures and lambdas defined
+    in ``__main__`` work. Executable tasks run as asyncio subprocesses, at most
+    as many at once as the executor has workers.
+
+    The backend owns the executor: shutting the backend down shuts it down.
+    Work still running after ``shutdown_timeout`` seconds is abandoned (thread
+    pools: a blocking call cannot be interrupted) or killed (process pools).
+    """
+
+    kinds = frozenset({TaskKind.FUNCTION, TaskKind.EXECUTABLE})
+
+    def __init__(
+        self,
+        executor: Executor | None = None,
+        name: str = "default",
+        *,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(name)
+        if executor is None:
+            executor = ThreadPoolExecutor(thread_name_prefix=f"asyncflow-{name}")
+        elif not isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor)):
+            raise TypeError(
+                "LocalExecutionBackend needs a ThreadPoolExecutor or a "
+                f"ProcessPoolExecutor, got {type(executor).__name__}"
+            )
+        self.executor: Executor = executor
+        self.processes = isinstance(executor, ProcessPoolExecutor)
+        self.max_workers: int = getattr(executor, "_max_workers", None) or (
+            os.cpu_count() or 1
+        )
+        self.shutdown_timeout = shutdown_timeout
+        self._subprocesses = SubprocessRunner(self.max_workers)
+
+    def __await__(self) -> Generator[Any, None, LocalExecutionBackend]:
+        """``await LocalExecutionBackend(...)`` is accepted for compatibility."""
+        if False:  # pragma: no cover - makes this a generator
+            yield
+        return self
+
+    async def attach(self, reporter: TaskReporter) -> None:
+        await super().attach(reporter)
+        self._subprocesses.bind(reporter)
+
+    def submit(self, tasks: Sequence[TaskFuture]) -> None:
+        reporter = self.reporter
+        report = reporter.report_threadsafe
+        submit = self.executor.submit
+        for task in tasks:
+            try:
+                if task._definition.kind is TaskKind.EXECUTABLE:
+                    self._subprocesses.submit(task)
+                elif self.processes:
+                    self._submit_to_process(task, report)
+                else:
+                    task._handle = submit(_call_in_thread, task, report)
+            except Exception as exc:
+                reporter.failed(task, exc)
+
+    def _submit_to_process(self, task: TaskFuture, report: Callable[..., None]) -> None:
+        definition = task._definition
+        payload = cloudpickle.dumps(
+            (definition.function, definition.is_async, task.args, task.kwargs)
+        )
+        future = self.executor.submit(_call_in_process, payload)
+        task._handle = future
+        future.add_done_callback(partial(_process_done, task, report))
+
+    def cancel(self, task: TaskFuture) -> None:
+        handle = task._handle
+        if isinstance(handle, tuple):
+            loop, runner = handle
+            try:
+                loop.call_soon_threadsafe(runner.cancel)
+            except RuntimeError:  # the worker's loop is already closed
+                pass
+        elif isinstance(handle, Future):
+            handle.cancel()
+        else:
+            self._subprocesses.cancel(task)
+
+    async def shutdown(self) -> None:
+        await self._subprocesses.shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        done = asyncio.get_running_loop().create_future()
+        _join_in_daemon_thread(self.executor, done)
+        try:
+            await asyncio.wait_for(done, self.shutdown_timeout)
+        except asyncio.TimeoutError:
+            if self.processes:
+                killed = _kill_pool_processes(self.executor)
+                log.warning(
+                    "backend %r: %d worker process(es) still busy after %.1fs; killed",
+                    self.name,
+                    killed,
+                    self.shutdown_timeout,
+                )
+            else:
+                log.warning(
+                    "backend %r: work still running in threads after %.1fs was "
+                    "abandoned (a blocking call in a thread cannot be interrupted)",
+                    self.name,
+                    self.shutdown_timeout,
+                )
+        log.info("backend %r shut down", self.name)
+
+
+def _join_in_daemon_thread(executor: Executor, done: asyncio.Future[None]) -> None:
+    """Wait for the pool's workers without tying up a pool of the loop's own."""
+    loop = done.get_loop()
+
+    def join() -> None:
+        executor.shutdown(wait=True)
+        try:
+            loop.call_soon_threadsafe(_set_done, done)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=join, name="asyncflow-pool-join", daemon=True).start()
+
+
+def _set_done(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _kill_pool_processes(executor: Executor) -> int:
+    processes = getattr(executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        process.kill()
+    return len(processes)

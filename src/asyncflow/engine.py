@@ -1,0 +1,388 @@
+"""The workflow engine: creation, task decorators, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from . import _signals
+from ._log import configure_from_environment
+from ._scheduler import Scheduler
+from .backends.base import ExecutionBackend
+from .backends.local import LocalExecutionBackend
+from .backends.noop import NoopExecutionBackend
+from .tasks import TaskDefinition, TaskFuture, TaskKind
+
+__all__ = ["WorkflowEngine"]
+
+log = logging.getLogger("asyncflow.engine")
+
+F = TypeVar("F", bound=Callable[..., Any])
+TaskCall = Callable[..., TaskFuture]
+
+_CREATE_TOKEN = object()
+_NOT_IN_LOOP = (
+    "WorkflowEngine needs a running asyncio event loop: create it with "
+    "`flow = await WorkflowEngine.create(...)` inside an async function run by "
+    "asyncio.run(...)"
+)
+
+
+class WorkflowEngine:
+    """Registers tasks, tracks their dependencies and runs them on backends.
+
+    Create one with ``flow = await WorkflowEngine.create(...)`` (or
+    ``async with await WorkflowEngine.create(...) as flow:``), decorate
+    functions with :meth:`function_task`, :meth:`executable_task`,
+    :meth:`block` or :meth:`prompt_task`, call them to get futures, await the
+    roots, and :meth:`shutdown` at the end.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[ExecutionBackend] = (),
+        *,
+        dry_run: bool = False,
+        uid: str | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
+        shutdown_timeout: float = 30.0,
+        _token: object = None,
+    ) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(_NOT_IN_LOOP) from None
+        if _token is not _CREATE_TOKEN:
+            raise RuntimeError(
+                "use `flow = await WorkflowEngine.create(...)`: the engine's "
+                "backends are started asynchronously"
+            )
+        self.loop = loop
+        self.uid = uid or f"asyncflow.session.{uuid.uuid4().hex[:8]}"
+        self.work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
+        self.dry_run = dry_run
+        self.shutdown_timeout = shutdown_timeout
+        self._backends: dict[str, ExecutionBackend] = {b.name: b for b in backends}
+        self._scheduler = Scheduler(self, loop, backends[0])
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._handles_signals = False
+
+    # -- creation -------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        backend: ExecutionBackend | Sequence[ExecutionBackend] | None = None,
+        dry_run: bool = False,
+        uid: str | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
+        *,
+        shutdown_timeout: float = 30.0,
+        handle_signals: bool = True,
+    ) -> WorkflowEngine:
+        """Create an engine on the running loop and start its backends.
+
+        ``backend`` is one backend or a list of backends with distinct names;
+        the first is the default. Without one, ``dry_run=True`` uses
+        :class:`NoopExecutionBackend` and ``dry_run=False`` a thread pool.
+        ``shutdown_timeout`` bounds :meth:`shutdown`. With ``handle_signals``
+        (main thread only), SIGINT/SIGTERM shut the engine down gracefully.
+        """
+        configure_from_environment()
+        backends = await cls._backends_from(backend, dry_run)
+        engine = cls(
+            backends,
+            dry_run=dry_run,
+            uid=uid,
+            work_dir=work_dir,
+            shutdown_timeout=shutdown_timeout,
+            _token=_CREATE_TOKEN,
+        )
+        for b in backends:
+            await b.attach(engine._scheduler)
+        if handle_signals:
+            engine._handles_signals = _signals.register(engine, engine.loop)
+        log.info(
+            "engine %s started with backend(s) %s",
+            engine.uid,
+            ", ".join(f"{b.name!r} ({type(b).__name__})" for b in backends),
+        )
+        return engine
+
+    @staticmethod
+    async def _backends_from(
+        backend: ExecutionBackend | Sequence[ExecutionBackend] | None, dry_run: bool
+    ) -> list[ExecutionBackend]:
+        if backend is None:
+            if dry_run:
+                return [NoopExecutionBackend()]
+            log.info("no backend given: running tasks in a local thread pool")
+            return [LocalExecutionBackend()]
+        given: list[ExecutionBackend] = (
+            list(backend) if isinstance(backend, (list, tuple)) else [backend]  # type: ignore[list-item]
+        )
+        if not given:
+            raise ValueError("backend list is empty: give at least one backend")
+        names: set[str] = set()
+        for b in given:
+            if not isinstance(b, ExecutionBackend):
+                raise TypeError(
+                    f"not an execution backend: {b!r} (expected an instance of an "
+                    "asyncflow backend such as LocalExecutionBackend)"
+                )
+            if b.name in names:
+                raise ValueError(
+                    f"two backends are named {b.name!r}: give each backend a "
+                    "distinct name=..."
+                )
+            names.add(b.name)
+        return given
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def backend(self) -> ExecutionBackend:
+        """The default backend (the first one given)."""
+        return self._scheduler.default_backend
+
+    @property
+    def backends(self) -> Mapping[str, ExecutionBackend]:
+        """All backends by name."""
+        return dict(self._backends)
+
+    @property
+    def is_shut_down(self) -> bool:
+        return self._shutdown_task is not None
+
+    # -- decorators ---------------------------------------------------------
+
+    @overload
+    def function_task(self, func: Callable[..., Any], /) -> TaskCall: ...
+    @overload
+    def function_task(
+        self, func: None = None, /, *, backend: str | None = None
+    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
+    def function_task(
+        self, func: Callable[..., Any] | None = None, /, *, backend: str | None = None
+    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+        """Make a task whose body is the work; its result is the body's return."""
+        return self._decorator(TaskKind.FUNCTION, func, backend)
+
+    @overload
+    def executable_task(self, func: Callable[..., Any], /) -> TaskCall: ...
+    @overload
+    def executable_task(
+        self, func: None = None, /, *, backend: str | None = None
+    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
+    def executable_task(
+        self, func: Callable[..., Any] | None = None, /, *, backend: str | None = None
+    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+        """Make a task whose body returns a command line; the result is its stdout.
+
+        The command runs through the shell unless the task description says
+        ``{"shell": False}``; ``env`` (merged over the current environment)
+        and ``cwd`` are honoured. A non-zero exit fails the task with
+        :class:`~asyncflow.ExecutableError`.
+        """
+        return self._decorator(TaskKind.EXECUTABLE, func, backend)
+
+    @overload
+    def prompt_task(self, func: Callable[..., Any], /) -> TaskCall: ...
+    @overload
+    def prompt_task(
+        self, func: None = None, /, *, backend: str | None = None
+    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
+    def prompt_task(
+        self, func: Callable[..., Any] | None = None, /, *, backend: str | None = None
+    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+        """Make a task whose body returns a prompt for an AI backend."""
+        return self._decorator(TaskKind.PROMPT, func, backend)
+
+    @overload
+    def block(self, func: Callable[..., Any], /) -> TaskCall: ...
+    @overload
+    def block(
+        self, func: None = None, /
+    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
+    def block(
+        self, func: Callable[..., Any] | None = None, /
+    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+        """Make a block: an ``async def`` that calls tasks; it runs on the loop.
+
+        Tasks created while a block runs are its members: cancelling the
+        block cancels those that have not finished.
+        """
+        return self._decorator(TaskKind.BLOCK, func, None)
+
+    def _decorator(
+        self, kind: TaskKind, func: Callable[..., Any] | None, backend: str | None
+    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+        target = self._backend_named(backend, kind)
+
+        def decorate(function: Callable[..., Any]) -> TaskCall:
+            return self._make_task(kind, function, target)
+
+        if func is None:
+            return decorate
+        return decorate(func)
+
+    def _backend_named(
+        self, name: str | None, kind: TaskKind
+    ) -> ExecutionBackend | None:
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise TypeError(
+                f"backend= takes a backend name (str), got {type(name).__name__}"
+            )
+        try:
+            return self._backends[name]
+        except KeyError:
+            known = ", ".join(repr(n) for n in self._backends)
+            raise ValueError(
+                f"unknown backend {name!r} for a {kind} task; this engine's "
+                f"backends are: {known}"
+            ) from None
+
+    def _make_task(
+        self,
+        kind: TaskKind,
+        function: Callable[..., Any],
+        backend: ExecutionBackend | None,
+    ) -> TaskCall:
+        decorator = "block" if kind is TaskKind.BLOCK else f"{kind}_task"
+        if not callable(function):
+            hint = (
+                " (to choose a backend, write backend=...)"
+                if isinstance(function, str)
+                else ""
+            )
+            raise TypeError(
+                f"@flow.{decorator} can only decorate a function, got "
+                f"{type(function).__name__} {function!r}{hint}"
+            )
+        name = getattr(function, "__name__", repr(function))
+        description = _default_description(function, name)
+        definition = TaskDefinition(function, kind, description, backend, {})
+        register = self._scheduler.register
+
+        def call(*args: Any, **kwargs: Any) -> TaskFuture:
+            return register(definition, args, kwargs)
+
+        functools.update_wrapper(call, function)
+        call.definition = definition  # type: ignore[attr-defined]
+        return call
+
+    # -- shutdown -----------------------------------------------------------
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Cancel unfinished work, stop the backends and release their resources.
+
+        Idempotent and safe to call concurrently. Bounded by ``timeout``
+        (default: the engine's ``shutdown_timeout``); whatever is still
+        running then is abandoned and logged.
+        """
+        if self._shutdown_task is None:
+            self._begin_shutdown(timeout=timeout)
+        assert self._shutdown_task is not None
+        await asyncio.shield(self._shutdown_task)
+
+    def _begin_shutdown(
+        self,
+        timeout: float | None = None,
+        gate: Awaitable[None] | None = None,
+        on_work_stopped: Callable[[], None] | None = None,
+    ) -> None:
+        if self._shutdown_task is not None:
+            if on_work_stopped is not None:
+                self._shutdown_task.add_done_callback(lambda _: on_work_stopped())
+            return
+        self._scheduler.closing = True
+        self._shutdown_task = self.loop.create_task(
+            self._shutdown(timeout, gate, on_work_stopped)
+        )
+
+    async def _shutdown(
+        self,
+        timeout: float | None,
+        gate: Awaitable[None] | None,
+        on_work_stopped: Callable[[], None] | None,
+    ) -> None:
+        scheduler = self._scheduler
+        if self._handles_signals and gate is None:
+            _signals.unregister(self, self.loop)
+        log.info("engine %s shutting down", self.uid)
+        # Stop the work first and settle the futures last, so that code
+        # awaiting them resumes only once nothing is left running.
+        for task in scheduler.running():
+            scheduler.stop_work(task)
+        await self._shutdown_backends(
+            self.shutdown_timeout if timeout is None else timeout
+        )
+        if on_work_stopped is not None:
+            on_work_stopped()
+        if gate is not None:
+            await gate
+        cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
+        log.info(
+            "engine %s shut down (%d unfinished task(s) cancelled)", self.uid, cancelled
+        )
+
+    async def _shutdown_backends(self, timeout: float) -> None:
+        jobs = {self.loop.create_task(b.shutdown()): b for b in self._backends.values()}
+        done, pending = await asyncio.wait(jobs, timeout=timeout)
+        for job in done:
+            if not job.cancelled() and job.exception() is not None:
+                log.error(
+                    "backend %r failed to shut down",
+                    jobs[job].name,
+                    exc_info=job.exception(),
+                )
+        for job in pending:
+            job.cancel()
+            log.warning(
+                "backend %r did not shut down within %.1fs; abandoned it",
+                jobs[job].name,
+                timeout,
+            )
+
+    async def __aenter__(self) -> WorkflowEngine:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self.is_shut_down else "running"
+        return f"<WorkflowEngine {self.uid} {state}, backends={list(self._backends)}>"
+
+
+def _default_description(function: Callable[..., Any], name: str) -> dict[str, Any]:
+    try:
+        parameter = inspect.signature(function).parameters.get("task_description")
+    except (TypeError, ValueError):
+        return {}
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return {}
+    default = parameter.default
+    if default is None:
+        return {}
+    if not isinstance(default, dict):
+        raise TypeError(
+            f"task {name!r}: the default of task_description must be a dict, "
+            f"got {type(default).__name__}"
+        )
+    return default

@@ -1,0 +1,81 @@
+"""Exceptions raised by asyncflow."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+
+__all__ = [
+    "AsyncFlowError",
+    "DependencyFailureError",
+    "ExecutableError",
+]
+
+_STDERR_TAIL_LINES = 10
+
+
+class AsyncFlowError(Exception):
+    """Base class of the errors asyncflow raises on its own behalf."""
+
+
+class DependencyFailureError(AsyncFlowError):
+    """A task did not run because a task it depends on failed.
+
+    ``failed_dependencies`` names the upstream tasks that had failed when the
+    task was given up; ``root_cause`` (also ``__cause__``) is the exception
+    that started the chain, however many hops upstream it was raised.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failed_dependencies: Sequence[str] | None = None,
+        root_cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.failed_dependencies: list[str] = list(failed_dependencies or ())
+        self.root_cause = root_cause
+        if root_cause is not None:
+            self.__cause__ = root_cause
+
+
+class ExecutableError(AsyncFlowError, RuntimeError):
+    """An executable task's command exited with a non-zero status.
+
+    A negative ``exit_code`` means the process was killed by that signal.
+    """
+
+    def __init__(
+        self,
+        task_name: str,
+        command: str | Sequence[str],
+        exit_code: int,
+        stdout: str,
+        stderr: str,
+    ) -> None:
+        self.task_name = task_name
+        self.command = command
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        if self.exit_code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-self.exit_code).name}"
+            except ValueError:
+                how = f"was killed by signal {-self.exit_code}"
+        else:
+            how = f"exited with code {self.exit_code}"
+        message = f"executable task {self.task_name!r} {how}: {self.command!r}"
+        tail = self.stderr.rstrip().splitlines()[-_STDERR_TAIL_LINES:]
+        if tail:
+            message += "\nstderr (last lines):\n" + "\n".join(tail)
+        return message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            type(self),
+            (self.task_name, self.command, self.exit_code, self.stdout, self.stderr),
+        )
