@@ -1,0 +1,54 @@
+"""Shared fixtures: an engine on each backend, always shut down."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import pytest
+
+from asyncflow import (
+    AsyncioExecutionBackend,
+    ExecutionBackend,
+    LocalExecutionBackend,
+    NoopExecutionBackend,
+    WorkflowEngine,
+)
+
+BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
+    "noop": NoopExecutionBackend,
+    "threads": lambda: LocalExecutionBackend(ThreadPoolExecutor(4)),
+    "processes": lambda: LocalExecutionBackend(ProcessPoolExecutor(2)),
+    "asyncio": AsyncioExecutionBackend,
+}
+#: Backends that really run function bodies.
+RUNNING_BACKENDS = ["threads", "processes", "asyncio"]
+#: Backends whose bodies share this process's memory (events, closures).
+IN_PROCESS_BACKENDS = ["threads", "asyncio"]
+
+
+@pytest.fixture
+async def make_engine() -> AsyncIterator[Callable[..., object]]:
+    """Create engines by backend name; every one is shut down after the test."""
+    engines: list[WorkflowEngine] = []
+
+    async def make(backend: str = "threads", **kwargs: object) -> WorkflowEngine:
+        engine = await WorkflowEngine.create(backend=BACKENDS[backend](), **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.shutdown()
+
+
+@pytest.fixture(params=RUNNING_BACKENDS)
+async def flow(request: pytest.FixtureRequest, make_engine) -> WorkflowEngine:
+    """An engine on each backend that runs bodies."""
+    return await make_engine(request.param)
+
+
+@pytest.fixture(params=IN_PROCESS_BACKENDS)
+async def local_flow(request: pytest.FixtureRequest, make_engine) -> WorkflowEngine:
+    """An engine whose task bodies run in this process (threads or the loop)."""
+    return await make_engine(request.param)
