@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import weakref
@@ -90,6 +91,24 @@ def _exit_as_signalled(sig: int, previous: Any) -> None:
         raise KeyboardInterrupt
     else:
         raise SystemExit(128 + sig)
+
+
+def _forget_handlers_in_child() -> None:
+    # A forked child (a process-pool worker) inherits the loop's signal
+    # wakeup fd: a signal sent to the child would be written to the parent's
+    # socket and read there as the parent's own. Give the child the defaults.
+    if not any(hub.previous for hub in _hubs.values()):
+        return
+    _hubs.clear()
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # forked from a thread other than the main one
+        pass
+
+
+os.register_at_fork(after_in_child=_forget_handlers_in_child)
 
 
 def register(engine: WorkflowEngine, loop: asyncio.AbstractEventLoop) -> bool:

@@ -317,3 +317,24 @@ async def test_killed_worker_process_leaves_no_future_unfinished() -> None:
                 fut.exception()  # retrieved
     finally:
         await flow.shutdown()
+
+
+async def test_a_signal_to_a_pool_worker_does_not_reach_the_engine() -> None:
+    """Forked workers must not share the engine's signal wakeup channel."""
+    flow = await WorkflowEngine.create(
+        backend=LocalExecutionBackend(ProcessPoolExecutor(1))
+    )
+    try:
+
+        @flow.function_task
+        def terminate_myself() -> None:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        with pytest.raises(Exception, match="terminated abruptly"):
+            await terminate_myself()
+        await asyncio.sleep(0.2)  # give a stray wakeup byte time to arrive
+        assert not flow.is_shut_down
+    finally:
+        await flow.shutdown()
