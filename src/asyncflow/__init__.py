@@ -15,9 +15,16 @@ from .backends import (
     NoopExecutionBackend,
     TaskReporter,
 )
-from .engine import WorkflowEngine
-from .errors import AsyncFlowError, DependencyFailureError, ExecutableError
-from .tasks import TaskFuture, TaskKind, TaskState
+from .engine import Task, TaskDecorator, WorkflowEngine
+from .errors import (
+    AsyncFlowError,
+    CheckpointError,
+    DependencyFailureError,
+    ExecutableError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from .tasks import TaskFuture, TaskKind, TaskOptions, TaskState
 
 try:
     __version__ = version("asyncflow")
@@ -28,15 +35,21 @@ __all__ = [
     "DRY_RUN_RESULT",
     "AsyncFlowError",
     "AsyncioExecutionBackend",
+    "CheckpointError",
     "DependencyFailureError",
     "ExecutableError",
     "ExecutionBackend",
     "LocalExecutionBackend",
     "NoopExecutionBackend",
+    "Task",
+    "TaskDecorator",
     "TaskFuture",
     "TaskKind",
+    "TaskOptions",
     "TaskReporter",
     "TaskState",
+    "TaskTimeoutError",
+    "WorkerLostError",
     "WorkflowEngine",
     "__version__",
 ]

@@ -16,11 +16,12 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .errors import DependencyFailureError
+from .errors import DependencyFailureError, TaskTimeoutError
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskState
 
 if TYPE_CHECKING:
     from .backends.base import ExecutionBackend
+    from .checkpoint import CheckpointStore
     from .engine import WorkflowEngine
 
 log = logging.getLogger("asyncflow.scheduler")
@@ -108,6 +109,7 @@ class Scheduler:
             contextvars.ContextVar(f"asyncflow.block.{id(self):x}", default=None)
         )
         self.live: set[TaskFuture] = set()
+        self.store: CheckpointStore | None = None
         self.closing = False
         self._counter = 0
         self._ready: list[TaskFuture] = []
@@ -170,6 +172,10 @@ class Scheduler:
         task._command = None
         task._deps = deps
         task._waiting = 0
+        task._timer = None
+        task._key = None
+        task.attempts = 0
+        task.restored = False
         block = self.block_var.get()
         task._block = block
         if block is not None:
@@ -250,17 +256,22 @@ class Scheduler:
             definition = task._definition
             kind = definition.kind
             task.state = RUNNING
+            task.attempts = 1
             if kind is BLOCK:
-                task._handle = self._loop.create_task(self._run_block(task))
+                self._start_block(task)
                 if debug:
                     log.debug("started block %s %r", task.uid, task.name)
                 continue
             backend = definition.backend or default
             if kind not in backend.kinds:
-                self.failed(task, self._unsupported(task, backend))
+                self._finish(task, FAILED, self._unsupported(task, backend))
                 continue
             if kind is not FUNCTION and not self._prepare(task):
                 continue
+            if self.store is not None and self._restore(task):
+                continue
+            if definition.reliability is not None:
+                self._arm_timeout(task)
             group = groups.get(backend)
             if group is None:
                 groups[backend] = [task]
@@ -316,9 +327,10 @@ class Scheduler:
         if task.state is not RUNNING or self.closing:
             return
         task._handle = None
-        if self._accept_command(task, command):
-            backend = task._definition.backend or self.default_backend
-            self._submit(backend, [task], log.isEnabledFor(logging.DEBUG))
+        if self._accept_command(task, command) and not (
+            self.store is not None and self._restore(task)
+        ):
+            self._resubmit(task)
         self._flush_if_ready()
 
     def _accept_command(self, task: TaskFuture, command: Any) -> bool:
@@ -344,7 +356,12 @@ class Scheduler:
             f"@flow.{task.kind}_task(backend=...)"
         )
 
-    async def _run_block(self, block: TaskFuture) -> None:
+    def _start_block(self, block: TaskFuture) -> None:
+        block._handle = self._loop.create_task(self._run_block(block, block.attempts))
+        if block._definition.reliability is not None:
+            self._arm_timeout(block)
+
+    async def _run_block(self, block: TaskFuture, attempt: int) -> None:
         self.block_var.set(block)
         definition = block._definition
         try:
@@ -353,16 +370,104 @@ class Scheduler:
             else:
                 value = definition.function(*block.args, **block.kwargs)
         except asyncio.CancelledError:
-            if not self.closing:
+            if not self.closing and block.attempts == attempt:
                 self._finish(block, CANCELLED, None)
             return
         except Exception as exc:
-            if not self.closing:
-                self._finish(block, FAILED, exc)
+            if not self.closing and block.attempts == attempt:
+                self._attempt_failed(block, exc)
         else:
-            if not self.closing:
+            if not self.closing and block.attempts == attempt:
                 self._finish(block, DONE, value)
         self._flush_if_ready()
+
+    # -- checkpoint, retries and timeouts -----------------------------------------
+
+    def _restore(self, task: TaskFuture) -> bool:
+        """Settle the task from the checkpoint if it ran before; else note its key."""
+        store = self.store
+        assert store is not None
+        if not task._definition.options.cache or self._engine.dry_run:
+            return False
+        key = store.key_for(task)
+        if key is None:
+            return False
+        found, value = store.lookup(key)
+        if not found:
+            task._key = key
+            return False
+        task.restored = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %r restored from the checkpoint", task.uid, task.name)
+        self._finish(task, DONE, value)
+        return True
+
+    def _arm_timeout(self, task: TaskFuture) -> None:
+        options = task._definition.reliability
+        if options is not None and options.timeout is not None:
+            task._timer = self._loop.call_later(
+                options.timeout, self._timed_out, task, task.attempts
+            )
+
+    def _timed_out(self, task: TaskFuture, attempt: int) -> None:
+        task._timer = None
+        options = task._definition.reliability
+        if task.state is not RUNNING or task.attempts != attempt or options is None:
+            return
+        assert options.timeout is not None
+        self.stop_work(task)
+        self._attempt_failed(
+            task, TaskTimeoutError(task.name, options.timeout, attempt)
+        )
+        self._flush_if_ready()
+
+    def _attempt_failed(self, task: TaskFuture, error: BaseException) -> None:
+        """Retry the task if its options allow, otherwise settle it FAILED."""
+        options = task._definition.reliability
+        if (
+            options is None
+            or task.state is not RUNNING
+            or task.attempts > options.retries
+            or not isinstance(error, options.retry_on)
+            or self.closing
+        ):
+            self._finish(task, FAILED, error)
+            return
+        if task._timer is not None:
+            task._timer.cancel()
+            task._timer = None
+        delay = options.delay_before(task.attempts + 1)
+        log.warning(
+            "task %r (%s) attempt %d of %d failed (%s: %s); retrying in %.3gs",
+            task.name,
+            task.uid,
+            task.attempts,
+            options.retries + 1,
+            type(error).__name__,
+            error,
+            delay,
+        )
+        if delay > 0:
+            task._timer = self._loop.call_later(delay, self._retry, task)
+        else:
+            self._retry(task)
+
+    def _retry(self, task: TaskFuture) -> None:
+        task._timer = None
+        if task.state is not RUNNING or self.closing:
+            return
+        task.attempts += 1
+        if task._definition.kind is BLOCK:
+            self._start_block(task)
+        else:
+            self._resubmit(task)
+
+    def _resubmit(self, task: TaskFuture) -> None:
+        """Hand one task to its backend outside a batch (retries, late commands)."""
+        if task._definition.reliability is not None:
+            self._arm_timeout(task)
+        backend = task._definition.backend or self.default_backend
+        self._submit(backend, [task], log.isEnabledFor(logging.DEBUG))
 
     # -- TaskReporter ---------------------------------------------------------
 
@@ -373,7 +478,7 @@ class Scheduler:
 
     def failed(self, task: TaskFuture, error: BaseException) -> None:
         if not self.closing:
-            self._finish(task, FAILED, error)
+            self._attempt_failed(task, error)
             self._flush_if_ready()
 
     def report_threadsafe(self, task: TaskFuture, ok: bool, value: object) -> None:
@@ -403,7 +508,7 @@ class Scheduler:
                     value = RuntimeError(
                         f"task {task.name!r} was cancelled in its worker"
                     )
-                finish(task, FAILED, value)
+                self._attempt_failed(task, value)
         self._flush_if_ready()
 
     # -- completion and propagation --------------------------------------------
@@ -447,8 +552,15 @@ class Scheduler:
         self, task: TaskFuture, state: TaskState, value: Any, debug: bool
     ) -> None:
         task.state = state
+        if task._timer is not None:
+            task._timer.cancel()
+            task._timer = None
         if state is DONE:
             _set_result(task, value)
+            if task._key is not None:
+                assert self.store is not None
+                self.store.store(task._key, task, value)
+                task._key = None
         elif state is FAILED:
             if not isinstance(value, Exception) or isinstance(value, StopIteration):
                 # SystemExit & co. would tear down whoever awaits the future.

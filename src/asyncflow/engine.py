@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, cast, overload
 
 from . import _signals
 from ._log import configure_from_environment
@@ -19,14 +19,13 @@ from ._scheduler import Scheduler
 from .backends.base import ExecutionBackend
 from .backends.local import LocalExecutionBackend
 from .backends.noop import NoopExecutionBackend
-from .tasks import TaskDefinition, TaskFuture, TaskKind
+from .checkpoint import CheckpointStore
+from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskOptions
 
-__all__ = ["WorkflowEngine"]
+__all__ = ["Task", "TaskDecorator", "WorkflowEngine"]
 
 log = logging.getLogger("asyncflow.engine")
 
-F = TypeVar("F", bound=Callable[..., Any])
-TaskCall = Callable[..., TaskFuture]
 
 _CREATE_TOKEN = object()
 _NOT_IN_LOOP = (
@@ -85,6 +84,7 @@ class WorkflowEngine:
         uid: str | None = None,
         work_dir: str | os.PathLike[str] | None = None,
         *,
+        checkpoint: str | os.PathLike[str] | None = None,
         shutdown_timeout: float = 30.0,
         handle_signals: bool = True,
     ) -> WorkflowEngine:
@@ -93,8 +93,11 @@ class WorkflowEngine:
         ``backend`` is one backend or a list of backends with distinct names;
         the first is the default. Without one, ``dry_run=True`` uses
         :class:`NoopExecutionBackend` and ``dry_run=False`` a thread pool.
-        ``shutdown_timeout`` bounds :meth:`shutdown`. With ``handle_signals``
-        (main thread only), SIGINT/SIGTERM shut the engine down gracefully.
+        ``checkpoint`` names a SQLite file that keeps every task result, so
+        that re-running the same workflow skips the tasks that finished
+        before (see :mod:`asyncflow.checkpoint`). ``shutdown_timeout`` bounds
+        :meth:`shutdown`. With ``handle_signals`` (main thread only),
+        SIGINT/SIGTERM shut the engine down gracefully.
         """
         configure_from_environment()
         backends = await cls._backends_from(backend, dry_run)
@@ -106,6 +109,8 @@ class WorkflowEngine:
             shutdown_timeout=shutdown_timeout,
             _token=_CREATE_TOKEN,
         )
+        if checkpoint is not None:
+            engine._scheduler.store = CheckpointStore(checkpoint)
         for b in backends:
             await b.attach(engine._scheduler)
         if handle_signals:
@@ -164,27 +169,13 @@ class WorkflowEngine:
 
     # -- decorators ---------------------------------------------------------
 
-    @overload
-    def function_task(self, func: Callable[..., Any], /) -> TaskCall: ...
-    @overload
-    def function_task(
-        self, func: None = None, /, *, backend: str | None = None
-    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
-    def function_task(
-        self, func: Callable[..., Any] | None = None, /, *, backend: str | None = None
-    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+    @property
+    def function_task(self) -> TaskDecorator:
         """Make a task whose body is the work; its result is the body's return."""
-        return self._decorator(TaskKind.FUNCTION, func, backend)
+        return TaskDecorator(self, TaskKind.FUNCTION)
 
-    @overload
-    def executable_task(self, func: Callable[..., Any], /) -> TaskCall: ...
-    @overload
-    def executable_task(
-        self, func: None = None, /, *, backend: str | None = None
-    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
-    def executable_task(
-        self, func: Callable[..., Any] | None = None, /, *, backend: str | None = None
-    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+    @property
+    def executable_task(self) -> TaskDecorator:
         """Make a task whose body returns a command line; the result is its stdout.
 
         The command runs through the shell unless the task description says
@@ -192,47 +183,21 @@ class WorkflowEngine:
         and ``cwd`` are honoured. A non-zero exit fails the task with
         :class:`~asyncflow.ExecutableError`.
         """
-        return self._decorator(TaskKind.EXECUTABLE, func, backend)
+        return TaskDecorator(self, TaskKind.EXECUTABLE)
 
-    @overload
-    def prompt_task(self, func: Callable[..., Any], /) -> TaskCall: ...
-    @overload
-    def prompt_task(
-        self, func: None = None, /, *, backend: str | None = None
-    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
-    def prompt_task(
-        self, func: Callable[..., Any] | None = None, /, *, backend: str | None = None
-    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+    @property
+    def prompt_task(self) -> TaskDecorator:
         """Make a task whose body returns a prompt for an AI backend."""
-        return self._decorator(TaskKind.PROMPT, func, backend)
+        return TaskDecorator(self, TaskKind.PROMPT)
 
-    @overload
-    def block(self, func: Callable[..., Any], /) -> TaskCall: ...
-    @overload
-    def block(
-        self, func: None = None, /
-    ) -> Callable[[Callable[..., Any]], TaskCall]: ...
-    def block(
-        self, func: Callable[..., Any] | None = None, /
-    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
+    @property
+    def block(self) -> TaskDecorator:
         """Make a block: an ``async def`` that calls tasks; it runs on the loop.
 
         Tasks created while a block runs are its members: cancelling the
         block cancels those that have not finished.
         """
-        return self._decorator(TaskKind.BLOCK, func, None)
-
-    def _decorator(
-        self, kind: TaskKind, func: Callable[..., Any] | None, backend: str | None
-    ) -> TaskCall | Callable[[Callable[..., Any]], TaskCall]:
-        target = self._backend_named(backend, kind)
-
-        def decorate(function: Callable[..., Any]) -> TaskCall:
-            return self._make_task(kind, function, target)
-
-        if func is None:
-            return decorate
-        return decorate(func)
+        return TaskDecorator(self, TaskKind.BLOCK)
 
     def _backend_named(
         self, name: str | None, kind: TaskKind
@@ -251,35 +216,6 @@ class WorkflowEngine:
                 f"unknown backend {name!r} for a {kind} task; this engine's "
                 f"backends are: {known}"
             ) from None
-
-    def _make_task(
-        self,
-        kind: TaskKind,
-        function: Callable[..., Any],
-        backend: ExecutionBackend | None,
-    ) -> TaskCall:
-        decorator = "block" if kind is TaskKind.BLOCK else f"{kind}_task"
-        if not callable(function):
-            hint = (
-                " (to choose a backend, write backend=...)"
-                if isinstance(function, str)
-                else ""
-            )
-            raise TypeError(
-                f"@flow.{decorator} can only decorate a function, got "
-                f"{type(function).__name__} {function!r}{hint}"
-            )
-        name = getattr(function, "__name__", repr(function))
-        description = _default_description(function, name)
-        definition = TaskDefinition(function, kind, description, backend, {})
-        register = self._scheduler.register
-
-        def call(*args: Any, **kwargs: Any) -> TaskFuture:
-            return register(definition, args, kwargs)
-
-        functools.update_wrapper(call, function)
-        call.definition = definition  # type: ignore[attr-defined]
-        return call
 
     # -- shutdown -----------------------------------------------------------
 
@@ -332,6 +268,8 @@ class WorkflowEngine:
         if gate is not None:
             await gate
         cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
+        if scheduler.store is not None:
+            scheduler.store.close()
         log.info(
             "engine %s shut down (%d unfinished task(s) cancelled)", self.uid, cancelled
         )
@@ -386,3 +324,126 @@ def _default_description(function: Callable[..., Any], name: str) -> dict[str, A
             f"got {type(default).__name__}"
         )
     return default
+
+
+class Task(Protocol):
+    """What a task decorator returns: call it to get a :class:`TaskFuture`."""
+
+    __name__: str
+    definition: TaskDefinition
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture: ...
+
+    def options(
+        self,
+        *,
+        retries: int = ...,
+        retry_delay: float = ...,
+        retry_backoff: float = ...,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = ...,
+        timeout: float | None = ...,
+        cache: bool = ...,
+    ) -> Task:
+        """The same task with other reliability settings, for the calls made
+        through what this returns: ``fetch.options(timeout=5)(url)``."""
+        ...
+
+
+class TaskDecorator:
+    """``@flow.function_task`` and its siblings, bare or with options.
+
+    ``backend`` routes the task to a named backend. ``retries`` re-runs a
+    failed attempt (after ``retry_delay`` seconds, multiplied by
+    ``retry_backoff`` each time) when its exception is one of ``retry_on``.
+    ``timeout`` stops an attempt that runs longer and fails it with
+    :class:`~asyncflow.TaskTimeoutError`. ``cache=False`` keeps the task's
+    results out of the engine's checkpoint.
+    """
+
+    __slots__ = ("_engine", "_kind")
+
+    def __init__(self, engine: WorkflowEngine, kind: TaskKind) -> None:
+        self._engine = engine
+        self._kind = kind
+
+    @overload
+    def __call__(self, func: Callable[..., Any], /) -> Task: ...
+    @overload
+    def __call__(
+        self,
+        func: None = None,
+        /,
+        *,
+        backend: str | None = None,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        retry_backoff: float = 2.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | None = None,
+        cache: bool = True,
+    ) -> Callable[[Callable[..., Any]], Task]: ...
+    def __call__(
+        self,
+        func: Callable[..., Any] | None = None,
+        /,
+        *,
+        backend: str | None = None,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        retry_backoff: float = 2.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | None = None,
+        cache: bool = True,
+    ) -> Task | Callable[[Callable[..., Any]], Task]:
+        target = self._engine._backend_named(backend, self._kind)
+        options = TaskOptions(
+            retries, retry_delay, retry_backoff, retry_on, timeout, cache
+        )
+
+        def decorate(function: Callable[..., Any]) -> Task:
+            return self._make(function, target, options)
+
+        if func is None:
+            return decorate
+        return decorate(func)
+
+    def _make(
+        self,
+        function: Callable[..., Any],
+        backend: ExecutionBackend | None,
+        options: TaskOptions,
+    ) -> Task:
+        kind = self._kind
+        if not callable(function):
+            decorator = "block" if kind is TaskKind.BLOCK else f"{kind}_task"
+            hint = (
+                " (to choose a backend, write backend=...)"
+                if isinstance(function, str)
+                else ""
+            )
+            raise TypeError(
+                f"@flow.{decorator} can only decorate a function, got "
+                f"{type(function).__name__} {function!r}{hint}"
+            )
+        name = getattr(function, "__name__", repr(function))
+        description = _default_description(function, name)
+        definition = TaskDefinition(function, kind, description, backend, options)
+        return _task_caller(self._engine, definition)
+
+
+def _task_caller(engine: WorkflowEngine, definition: TaskDefinition) -> Task:
+    register = engine._scheduler.register
+
+    def call(*args: Any, **kwargs: Any) -> TaskFuture:
+        return register(definition, args, kwargs)
+
+    def options(**changes: Any) -> Task:
+        return _task_caller(
+            engine, definition.with_options(definition.options.replace(**changes))
+        )
+
+    functools.update_wrapper(call, definition.function)
+    caller = cast(Task, call)
+    caller.definition = definition
+    caller.options = options  # type: ignore[method-assign]
+    return caller

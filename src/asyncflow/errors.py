@@ -7,8 +7,11 @@ from collections.abc import Sequence
 
 __all__ = [
     "AsyncFlowError",
+    "CheckpointError",
     "DependencyFailureError",
     "ExecutableError",
+    "TaskTimeoutError",
+    "WorkerLostError",
 ]
 
 _STDERR_TAIL_LINES = 10
@@ -79,3 +82,26 @@ class ExecutableError(AsyncFlowError, RuntimeError):
             type(self),
             (self.task_name, self.command, self.exit_code, self.stdout, self.stderr),
         )
+
+
+class TaskTimeoutError(AsyncFlowError, TimeoutError):
+    """A task attempt ran longer than its ``timeout``; its work was stopped."""
+
+    def __init__(self, task_name: str, timeout: float, attempt: int = 1) -> None:
+        self.task_name = task_name
+        self.timeout = timeout
+        self.attempt = attempt
+        super().__init__(
+            f"task {task_name!r} timed out after {timeout:g}s (attempt {attempt})"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.task_name, self.timeout, self.attempt))
+
+
+class WorkerLostError(AsyncFlowError, RuntimeError):
+    """The worker process running (or holding) a task died abruptly."""
+
+
+class CheckpointError(AsyncFlowError):
+    """A checkpoint file cannot be used (corrupt, foreign or incompatible)."""

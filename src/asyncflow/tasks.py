@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .backends.base import ExecutionBackend
     from .engine import WorkflowEngine
 
-__all__ = ["TaskDefinition", "TaskFuture", "TaskKind", "TaskState"]
+__all__ = ["TaskDefinition", "TaskFuture", "TaskKind", "TaskOptions", "TaskState"]
 
 
 class TaskState(str, enum.Enum):
@@ -59,10 +59,74 @@ class TaskKind(str, enum.Enum):
         return self.value
 
 
+class TaskOptions:
+    """Reliability settings of a task: retries, timeout, result caching."""
+
+    __slots__ = (
+        "cache",
+        "retries",
+        "retry_backoff",
+        "retry_delay",
+        "retry_on",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        retry_backoff: float = 2.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | None = None,
+        cache: bool = True,
+    ) -> None:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if retry_delay < 0 or retry_backoff < 1:
+            raise ValueError(
+                "retry_delay must be >= 0 and retry_backoff >= 1, got "
+                f"{retry_delay!r} and {retry_backoff!r}"
+            )
+        kinds = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+        if not kinds or not all(
+            isinstance(k, type) and issubclass(k, BaseException) for k in kinds
+        ):
+            raise TypeError(
+                f"retry_on must be an exception type or a tuple of them, got {retry_on!r}"
+            )
+        if timeout is not None and not timeout > 0:
+            raise ValueError(
+                f"timeout must be a positive number of seconds, got {timeout!r}"
+            )
+        self.retries = retries
+        self.retry_delay = float(retry_delay)
+        self.retry_backoff = float(retry_backoff)
+        self.retry_on: tuple[type[BaseException], ...] = kinds
+        self.timeout = timeout
+        self.cache = bool(cache)
+
+    def replace(self, **changes: Any) -> TaskOptions:
+        current = {name: getattr(self, name) for name in self.__slots__}
+        current.update(changes)
+        return TaskOptions(**current)
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (2, 3, ...)."""
+        return self.retry_delay * self.retry_backoff ** (attempt - 2)
+
+    @property
+    def is_default(self) -> bool:
+        return self.retries == 0 and self.timeout is None and self.cache
+
+
+DEFAULT_OPTIONS = TaskOptions()
+
+
 class TaskDefinition:
     """What a decorator captured: shared by every call of one task."""
 
     __slots__ = (
+        "_code_hash",
         "backend",
         "description",
         "function",
@@ -70,6 +134,7 @@ class TaskDefinition:
         "kind",
         "name",
         "options",
+        "reliability",
     )
 
     def __init__(
@@ -78,7 +143,7 @@ class TaskDefinition:
         kind: TaskKind,
         description: Mapping[str, Any],
         backend: ExecutionBackend | None,
-        options: Mapping[str, Any],
+        options: TaskOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.function = function
         self.kind = kind
@@ -86,7 +151,19 @@ class TaskDefinition:
         self.is_async = inspect.iscoroutinefunction(function)
         self.description: dict[str, Any] = dict(description)
         self.backend = backend
-        self.options: dict[str, Any] = dict(options)
+        self.options = options
+        # None on the hot path when there is nothing to retry or time out.
+        self.reliability: TaskOptions | None = (
+            None if options.retries == 0 and options.timeout is None else options
+        )
+        self._code_hash: str | None = None
+
+    def with_options(self, options: TaskOptions) -> TaskDefinition:
+        derived = TaskDefinition(
+            self.function, self.kind, self.description, self.backend, options
+        )
+        derived._code_hash = self._code_hash
+        return derived
 
 
 class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
@@ -109,11 +186,15 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "_description",
         "_engine",
         "_handle",
+        "_key",
         "_members",
+        "_timer",
         "_waiting",
         "args",
+        "attempts",
         "kwargs",
         "name",
+        "restored",
         "state",
         "uid",
         "workflow_id",
@@ -125,6 +206,10 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     workflow_id: str | None
+    attempts: int
+    """How many times the task has been handed to its backend (retries count)."""
+    restored: bool
+    """True when the result came from the engine's checkpoint, not a run."""
     _engine: WorkflowEngine
     _definition: TaskDefinition
     _description: dict[str, Any]
@@ -135,6 +220,8 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     _members: set[TaskFuture] | None
     _command: Any
     _handle: Any
+    _timer: asyncio.TimerHandle | None
+    _key: str | None
 
     @property
     def kind(self) -> TaskKind:

@@ -119,14 +119,17 @@ class SubprocessRunner:
     async def _run(self, task: TaskFuture) -> None:
         reporter = self._reporter
         assert reporter is not None
+        attempt = task.attempts
         try:
             stdout = await run_command(task)
         except asyncio.CancelledError:
             pass
         except Exception as exc:
-            reporter.failed(task, exc)
+            if task.attempts == attempt:
+                reporter.failed(task, exc)
         else:
-            reporter.succeeded(task, stdout)
+            if task.attempts == attempt:
+                reporter.succeeded(task, stdout)
         finally:
             current = asyncio.current_task()
             if current is not None:

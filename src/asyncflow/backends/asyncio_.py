@@ -44,9 +44,9 @@ class AsyncioExecutionBackend(ExecutionBackend):
             if task._definition.kind is TaskKind.EXECUTABLE:
                 self._subprocesses.submit(task)
             else:
-                task._handle = loop.create_task(self._run(task))
+                task._handle = loop.create_task(self._run(task, task.attempts))
 
-    async def _run(self, task: TaskFuture) -> None:
+    async def _run(self, task: TaskFuture, attempt: int) -> None:
         definition = task._definition
         reporter = self.reporter
         try:
@@ -58,9 +58,11 @@ class AsyncioExecutionBackend(ExecutionBackend):
         except asyncio.CancelledError:
             return
         except Exception as exc:
-            reporter.failed(task, exc)
+            if task.attempts == attempt:
+                reporter.failed(task, exc)
         else:
-            reporter.succeeded(task, value)
+            if task.attempts == attempt:
+                reporter.succeeded(task, value)
 
     def cancel(self, task: TaskFuture) -> None:
         if task._definition.kind is TaskKind.EXECUTABLE:

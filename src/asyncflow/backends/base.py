@@ -23,6 +23,11 @@ class TaskReporter(Protocol):
     thread. ``report_threadsafe`` may be called from any thread; reports are
     delivered to the loop in batches. Reports about tasks that are already
     finished (for instance cancelled meanwhile) are ignored.
+
+    A task may be handed to a backend more than once (retries after a failure
+    or a timeout); ``task.attempts`` numbers the hand-overs. A backend should
+    drop the outcome of an attempt the engine has moved past, by comparing
+    ``task.attempts`` with its value when the attempt was submitted.
     """
 
     def succeeded(self, task: TaskFuture, result: object) -> None: ...

@@ -8,11 +8,13 @@ import os
 import threading
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any
 
 import cloudpickle
 
+from ..errors import WorkerLostError
 from ..tasks import TaskFuture, TaskKind, TaskState
 from ._subprocess import SubprocessRunner
 from .base import ExecutionBackend, TaskReporter
@@ -47,8 +49,10 @@ def _worker_loop() -> asyncio.AbstractEventLoop:
     return holder.loop
 
 
-def _call_in_thread(task: TaskFuture, report: Callable[..., None]) -> None:
-    if task.state is not _RUNNING:  # cancelled while queued in the pool
+def _call_in_thread(
+    task: TaskFuture, attempt: int, report: Callable[..., None]
+) -> None:
+    if task.state is not _RUNNING or task.attempts != attempt:  # cancelled meanwhile
         return
     definition = task._definition
     try:
@@ -62,9 +66,11 @@ def _call_in_thread(task: TaskFuture, report: Callable[..., None]) -> None:
         else:
             value = definition.function(*task.args, **task.kwargs)
     except BaseException as exc:  # a bad body must not kill the worker thread
-        report(task, False, exc)
+        if task.attempts == attempt:
+            report(task, False, exc)
     else:
-        report(task, True, value)
+        if task.attempts == attempt:  # else: an attempt the engine gave up on
+            report(task, True, value)
 
 
 def _call_in_process(payload: bytes) -> Any:
@@ -75,15 +81,23 @@ def _call_in_process(payload: bytes) -> Any:
 
 
 def _process_done(
-    task: TaskFuture, report: Callable[..., None], future: Future[Any]
+    task: TaskFuture, attempt: int, report: Callable[..., None], future: Future[Any]
 ) -> None:
-    if future.cancelled():
+    if future.cancelled() or task.attempts != attempt:
         return
     error = future.exception()
     if error is None:
         report(task, True, future.result())
-    else:
-        report(task, False, error)
+        return
+    if isinstance(error, BrokenProcessPool):
+        lost = WorkerLostError(
+            f"a worker process died abruptly (killed by a signal, os._exit() or a "
+            f"crash) while task {task.name!r} ({task.uid}) was running or queued "
+            "in its pool; later tasks run in a new pool"
+        )
+        lost.__cause__ = error
+        error = lost
+    report(task, False, error)
 
 
 class LocalExecutionBackend(ExecutionBackend):
@@ -138,7 +152,7 @@ class LocalExecutionBackend(ExecutionBackend):
     def submit(self, tasks: Sequence[TaskFuture]) -> None:
         reporter = self.reporter
         report = reporter.report_threadsafe
-        submit = self.executor.submit
+        submit = self.executor.submit if not self.processes else None
         for task in tasks:
             try:
                 if task._definition.kind is TaskKind.EXECUTABLE:
@@ -146,7 +160,7 @@ class LocalExecutionBackend(ExecutionBackend):
                 elif self.processes:
                     self._submit_to_process(task, report)
                 else:
-                    task._handle = submit(_call_in_thread, task, report)
+                    task._handle = submit(_call_in_thread, task, task.attempts, report)  # type: ignore[misc]
             except Exception as exc:
                 reporter.failed(task, exc)
 
@@ -155,9 +169,25 @@ class LocalExecutionBackend(ExecutionBackend):
         payload = cloudpickle.dumps(
             (definition.function, definition.is_async, task.args, task.kwargs)
         )
+        if getattr(self.executor, "_broken", False):
+            self._replace_pool()
         future = self.executor.submit(_call_in_process, payload)
         task._handle = future
-        future.add_done_callback(partial(_process_done, task, report))
+        future.add_done_callback(partial(_process_done, task, task.attempts, report))
+
+    def _replace_pool(self) -> None:
+        broken = self.executor
+        self.executor = ProcessPoolExecutor(
+            max_workers=self.max_workers,
+            mp_context=getattr(broken, "_mp_context", None),
+            initializer=getattr(broken, "_initializer", None),
+            initargs=getattr(broken, "_initargs", ()),
+        )
+        broken.shutdown(wait=False, cancel_futures=True)
+        log.warning(
+            "backend %r: a worker process died and broke the pool; started a new one",
+            self.name,
+        )
 
     def cancel(self, task: TaskFuture) -> None:
         handle = task._handle
