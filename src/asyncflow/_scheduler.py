@@ -108,6 +108,9 @@ class Scheduler:
         self.block_var: contextvars.ContextVar[TaskFuture | None] = (
             contextvars.ContextVar(f"asyncflow.block.{id(self):x}", default=None)
         )
+        self.workflow_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f"asyncflow.workflow.{id(self):x}", default=None
+        )
         self.live: set[TaskFuture] = set()
         self.store: CheckpointStore | None = None
         self.closing = False
@@ -130,7 +133,7 @@ class Scheduler:
                 "has been shut down; create a new engine to run more work"
             )
         description = definition.description
-        workflow_id = None
+        workflow_id = self.workflow_var.get()
         if kwargs:
             if "task_description" in kwargs:
                 extra = kwargs.pop("task_description")
@@ -317,6 +320,7 @@ class Scheduler:
 
     async def _finish_preparing(self, task: TaskFuture, body: Any) -> None:
         self.block_var.set(task._block)
+        self.workflow_var.set(task.workflow_id)
         try:
             command = await body
         except asyncio.CancelledError:
@@ -363,6 +367,7 @@ class Scheduler:
 
     async def _run_block(self, block: TaskFuture, attempt: int) -> None:
         self.block_var.set(block)
+        self.workflow_var.set(block.workflow_id)
         definition = block._definition
         try:
             if definition.is_async:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, cast, overload
@@ -292,6 +293,22 @@ class WorkflowEngine:
                 timeout,
             )
 
+    @contextlib.asynccontextmanager
+    async def workflow_scope(self, id: str | None = None) -> AsyncIterator[str]:
+        """Tag every task created inside with a workflow id (yielded).
+
+        ``async with flow.workflow_scope() as wid:`` gets an id of the form
+        ``wf-xxxxxxxx``; scopes nest, belong to this engine only, and follow
+        asyncio's context rules (tasks started inside inherit the scope). A
+        call-time ``workflow_id=`` still wins.
+        """
+        workflow_id = id if id is not None else f"wf-{uuid.uuid4().hex[:8]}"
+        token = self._scheduler.workflow_var.set(workflow_id)
+        try:
+            yield workflow_id
+        finally:
+            self._scheduler.workflow_var.reset(token)
+
     async def __aenter__(self) -> WorkflowEngine:
         return self
 
@@ -357,7 +374,10 @@ class TaskDecorator:
     ``retry_backoff`` each time) when its exception is one of ``retry_on``.
     ``timeout`` stops an attempt that runs longer and fails it with
     :class:`~asyncflow.TaskTimeoutError`. ``cache=False`` keeps the task's
-    results out of the engine's checkpoint.
+    results out of the engine's checkpoint. ``capture_stdio=True``
+    (executable tasks) writes the command's stdout and stderr to
+    ``work_dir/<engine uid>/<task uid>.out`` and ``.err`` and makes the
+    stdout file's path the result.
     """
 
     __slots__ = ("_engine", "_kind")
@@ -381,6 +401,7 @@ class TaskDecorator:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | None = None,
         cache: bool = True,
+        capture_stdio: bool = False,
     ) -> Callable[[Callable[..., Any]], Task]: ...
     def __call__(
         self,
@@ -394,14 +415,19 @@ class TaskDecorator:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | None = None,
         cache: bool = True,
+        capture_stdio: bool = False,
     ) -> Task | Callable[[Callable[..., Any]], Task]:
         target = self._engine._backend_named(backend, self._kind)
         options = TaskOptions(
             retries, retry_delay, retry_backoff, retry_on, timeout, cache
         )
+        if capture_stdio and self._kind is not TaskKind.EXECUTABLE:
+            raise TypeError("capture_stdio=True applies to @flow.executable_task only")
 
         def decorate(function: Callable[..., Any]) -> Task:
-            return self._make(function, target, options)
+            task = self._make(function, target, options)
+            task.definition.capture_stdio = capture_stdio
+            return task
 
         if func is None:
             return decorate

@@ -128,6 +128,7 @@ class TaskDefinition:
     __slots__ = (
         "_code_hash",
         "backend",
+        "capture_stdio",
         "description",
         "function",
         "is_async",
@@ -157,12 +158,14 @@ class TaskDefinition:
             None if options.retries == 0 and options.timeout is None else options
         )
         self._code_hash: str | None = None
+        self.capture_stdio = False
 
     def with_options(self, options: TaskOptions) -> TaskDefinition:
         derived = TaskDefinition(
             self.function, self.kind, self.description, self.backend, options
         )
         derived._code_hash = self._code_hash
+        derived.capture_stdio = self.capture_stdio
         return derived
 
 

@@ -10,6 +10,7 @@ import shlex
 import signal
 from collections import deque
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ExecutableError
@@ -52,33 +53,53 @@ async def run_command(task: TaskFuture, grace: float = TERMINATE_GRACE) -> str:
     """Run ``task.command``; return its stdout or raise :class:`ExecutableError`."""
     command = task.command
     desc = task.task_description
+    capture = task._definition.capture_stdio
+    files: tuple[Path, Path] | None = None
+    streams: tuple[Any, Any] = (asyncio.subprocess.PIPE, asyncio.subprocess.PIPE)
+    if capture:
+        engine = task._engine
+        folder = Path(engine.work_dir) / engine.uid
+        folder.mkdir(parents=True, exist_ok=True)
+        files = (folder / f"{task.uid}.out", folder / f"{task.uid}.err")
+        streams = (files[0].open("wb"), files[1].open("wb"))
     common: dict[str, Any] = {
         "stdin": asyncio.subprocess.DEVNULL,
-        "stdout": asyncio.subprocess.PIPE,
-        "stderr": asyncio.subprocess.PIPE,
+        "stdout": streams[0],
+        "stderr": streams[1],
         "start_new_session": True,
         "env": _environment(desc.get("env")),
         "cwd": desc.get("cwd"),
     }
-    if desc.get("shell", True):
-        proc = await asyncio.create_subprocess_shell(command, **common)
-    else:
-        argv = shlex.split(command) if isinstance(command, str) else list(command)
-        proc = await asyncio.create_subprocess_exec(*argv, **common)
     try:
-        out, err = await proc.communicate()
-    except BaseException:
-        # Cancelled (or the loop is going down): the command must not outlive
-        # its task. Shield the clean-up from a second cancellation.
-        await asyncio.shield(terminate(proc, grace))
-        raise
-    stdout = out.decode(errors="replace")
+        if desc.get("shell", True):
+            proc = await asyncio.create_subprocess_shell(command, **common)
+        else:
+            argv = shlex.split(command) if isinstance(command, str) else list(command)
+            proc = await asyncio.create_subprocess_exec(*argv, **common)
+        try:
+            out, err = await proc.communicate()
+        except BaseException:
+            # Cancelled (or the loop is going down): the command must not
+            # outlive its task. Shield the clean-up from a second cancellation.
+            await asyncio.shield(terminate(proc, grace))
+            raise
+    finally:
+        if files is not None:
+            streams[0].close()
+            streams[1].close()
+    if files is not None:
+        stdout = str(files[0])
+        if proc.returncode:
+            out = files[0].read_bytes()
+            err = files[1].read_bytes()
+    else:
+        stdout = out.decode(errors="replace")
     if proc.returncode:
         raise ExecutableError(
             task.name,
             command,
             proc.returncode,
-            stdout,
+            out.decode(errors="replace"),
             err.decode(errors="replace"),
         )
     return stdout
