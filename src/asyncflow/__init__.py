@@ -13,6 +13,7 @@ from .backends import (
     ExecutionBackend,
     LocalExecutionBackend,
     NoopExecutionBackend,
+    RhapsodyBackend,
     TaskReporter,
 )
 from .engine import Task, TaskDecorator, WorkflowEngine
@@ -41,6 +42,7 @@ __all__ = [
     "ExecutionBackend",
     "LocalExecutionBackend",
     "NoopExecutionBackend",
+    "RhapsodyBackend",
     "Task",
     "TaskDecorator",
     "TaskFuture",

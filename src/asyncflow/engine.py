@@ -20,6 +20,7 @@ from ._scheduler import Scheduler
 from .backends.base import ExecutionBackend
 from .backends.local import LocalExecutionBackend
 from .backends.noop import NoopExecutionBackend
+from .backends.rhapsody import adapt
 from .checkpoint import CheckpointStore
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskOptions
 
@@ -137,12 +138,13 @@ class WorkflowEngine:
         )
         if not given:
             raise ValueError("backend list is empty: give at least one backend")
+        given = [adapt(b) or b for b in given]
         names: set[str] = set()
         for b in given:
             if not isinstance(b, ExecutionBackend):
                 raise TypeError(
-                    f"not an execution backend: {b!r} (expected an instance of an "
-                    "asyncflow backend such as LocalExecutionBackend)"
+                    f"not an execution backend: {b!r} (expected an asyncflow "
+                    "backend such as LocalExecutionBackend, or a RHAPSODY backend)"
                 )
             if b.name in names:
                 raise ValueError(

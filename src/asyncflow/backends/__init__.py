@@ -4,6 +4,7 @@ from .asyncio_ import AsyncioExecutionBackend
 from .base import ExecutionBackend, TaskReporter
 from .local import LocalExecutionBackend
 from .noop import DRY_RUN_RESULT, NoopExecutionBackend
+from .rhapsody import RhapsodyBackend
 
 __all__ = [
     "DRY_RUN_RESULT",
@@ -11,5 +12,6 @@ __all__ = [
     "ExecutionBackend",
     "LocalExecutionBackend",
     "NoopExecutionBackend",
+    "RhapsodyBackend",
     "TaskReporter",
 ]
