@@ -19,13 +19,19 @@ logger = logging.getLogger(LOGGER_NAME)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is at the time of each record."""
+    """Writes to whatever ``sys.stderr`` is at the time of each record.
+
+    Stays silent while the application has configured logging itself (the
+    root logger has handlers): the record reaches those handlers anyway.
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.setFormatter(logging.Formatter(_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if logger.propagate and logging.getLogger().handlers:
+            return
         self.stream = sys.stderr
         super().emit(record)
 

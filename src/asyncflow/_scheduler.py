@@ -226,8 +226,17 @@ class Scheduler:
     def _release(self, task: TaskFuture) -> None:
         self._ready.append(task)
         if not (self._flush_scheduled or self._flushing):
+            try:
+                self._loop.call_soon(self._flush)
+            except RuntimeError:
+                self._ready.remove(task)
+                self.live.discard(task)
+                raise RuntimeError(
+                    f"cannot call task {task.name!r}: the event loop of workflow "
+                    f"engine {self._engine.uid!r} is closed; create the engine "
+                    "inside the asyncio.run(...) that uses it"
+                ) from None
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -309,13 +318,16 @@ class Scheduler:
         definition = task._definition
         try:
             body = definition.function(*task.args, **task.kwargs)
-        except Exception as exc:
+        except BaseException as exc:  # a bad body must not abort the batch
             self._finish(task, FAILED, exc)
             return False
         if not definition.is_async:
             return self._accept_command(task, body)
         task._command = _PREPARING
-        task._handle = self._loop.create_task(self._finish_preparing(task, body))
+        runner = self._loop.create_task(self._finish_preparing(task, body))
+        # Cancelled before it started, the runner never awaits the body.
+        runner.add_done_callback(lambda _: body.close())
+        task._handle = runner
         return False
 
     async def _finish_preparing(self, task: TaskFuture, body: Any) -> None:
@@ -325,7 +337,7 @@ class Scheduler:
             command = await body
         except asyncio.CancelledError:
             return
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit & co. fail only this task
             self._finish(task, FAILED, exc)
             return
         if task.state is not RUNNING or self.closing:
@@ -374,11 +386,13 @@ class Scheduler:
                 value = await definition.function(*block.args, **block.kwargs)
             else:
                 value = definition.function(*block.args, **block.kwargs)
+            if type(value) is TaskFuture:  # a block may hand back a member's future
+                value = await value
         except asyncio.CancelledError:
             if not self.closing and block.attempts == attempt:
                 self._finish(block, CANCELLED, None)
             return
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit & co. fail only this block
             if not self.closing and block.attempts == attempt:
                 self._attempt_failed(block, exc)
         else:
@@ -537,7 +551,8 @@ class Scheduler:
                                     # flushes the ready list right after.
                                     self._ready.append(dep)
                     elif state is FAILED:
-                        # Its error is carried on by the dependents' errors.
+                        # Its error lives on in the dependents' errors: asyncio
+                        # reports an unretrieved one at the end of the chain.
                         task._log_traceback = False
                         for dep in dependents:
                             if dep.state is PENDING:
@@ -574,8 +589,6 @@ class Scheduler:
                     wrapped.__cause__ = value
                 value = wrapped
             _set_exception(task, value)
-            if type(value) is DependencyFailureError:
-                task._log_traceback = False
         else:
             _future_cancel(task, value)
         self.live.discard(task)

@@ -65,23 +65,18 @@ class _SignalHub:
             signal.Signals(sig).name,
             len(engines),
         )
-        if not engines:
-            self.loop.call_soon(_exit_as_signalled, sig, previous.get(sig))
-            return
-        gate = self.loop.create_future()
-        remaining = len(engines)
+        self.loop.create_task(self._shut_down(engines, sig, previous.get(sig)))
 
-        def work_stopped() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                # Queued before the futures are cancelled, so the program's
-                # own tasks never see a half-finished shutdown.
-                self.loop.call_soon(_exit_as_signalled, sig, previous.get(sig))
-                gate.set_result(None)
-
+    async def _shut_down(
+        self, engines: list[WorkflowEngine], sig: int, previous: Any
+    ) -> None:
+        stopping = [engine._begin_shutdown(settle=False) for engine in engines]
+        await asyncio.gather(*stopping, return_exceptions=True)
+        # Queue the exit first, then settle every future in this same step:
+        # the program's own tasks resume only after the exit is on its way.
+        self.loop.call_soon(_exit_as_signalled, sig, previous)
         for engine in engines:
-            engine._begin_shutdown(gate=gate, on_work_stopped=work_stopped)
+            engine._settle_all()
 
 
 def _exit_as_signalled(sig: int, previous: Any) -> None:

@@ -9,7 +9,7 @@ import inspect
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, cast, overload
@@ -30,6 +30,7 @@ log = logging.getLogger("asyncflow.engine")
 
 
 _CREATE_TOKEN = object()
+_BARE: Any = object()  # no function given: the decorator was called with options
 _NOT_IN_LOOP = (
     "WorkflowEngine needs a running asyncio event loop: create it with "
     "`flow = await WorkflowEngine.create(...)` inside an async function run by "
@@ -74,6 +75,7 @@ class WorkflowEngine:
         self._backends: dict[str, ExecutionBackend] = {b.name: b for b in backends}
         self._scheduler = Scheduler(self, loop, backends[0])
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._settled = False
         self._handles_signals = False
 
     # -- creation -------------------------------------------------------------
@@ -128,6 +130,11 @@ class WorkflowEngine:
     async def _backends_from(
         backend: ExecutionBackend | Sequence[ExecutionBackend] | None, dry_run: bool
     ) -> list[ExecutionBackend]:
+        if backend is not None and dry_run:
+            log.warning(
+                "dry_run=True with an explicit backend: the backend runs tasks as "
+                "usual; leave backend out for a dry run"
+            )
         if backend is None:
             if dry_run:
                 return [NoopExecutionBackend()]
@@ -229,34 +236,22 @@ class WorkflowEngine:
         (default: the engine's ``shutdown_timeout``); whatever is still
         running then is abandoned and logged.
         """
-        if self._shutdown_task is None:
-            self._begin_shutdown(timeout=timeout)
-        assert self._shutdown_task is not None
-        await asyncio.shield(self._shutdown_task)
+        task = self._begin_shutdown(timeout)
+        await asyncio.shield(task)
 
     def _begin_shutdown(
-        self,
-        timeout: float | None = None,
-        gate: Awaitable[None] | None = None,
-        on_work_stopped: Callable[[], None] | None = None,
-    ) -> None:
-        if self._shutdown_task is not None:
-            if on_work_stopped is not None:
-                self._shutdown_task.add_done_callback(lambda _: on_work_stopped())
-            return
-        self._scheduler.closing = True
-        self._shutdown_task = self.loop.create_task(
-            self._shutdown(timeout, gate, on_work_stopped)
-        )
+        self, timeout: float | None = None, *, settle: bool = True
+    ) -> asyncio.Task[None]:
+        """Start shutting down (once). ``settle=False`` leaves the unfinished
+        futures to the caller's :meth:`_settle_all` (the signal path)."""
+        if self._shutdown_task is None:
+            self._scheduler.closing = True
+            self._shutdown_task = self.loop.create_task(self._shutdown(timeout, settle))
+        return self._shutdown_task
 
-    async def _shutdown(
-        self,
-        timeout: float | None,
-        gate: Awaitable[None] | None,
-        on_work_stopped: Callable[[], None] | None,
-    ) -> None:
+    async def _shutdown(self, timeout: float | None, settle: bool) -> None:
         scheduler = self._scheduler
-        if self._handles_signals and gate is None:
+        if self._handles_signals:
             _signals.unregister(self, self.loop)
         log.info("engine %s shutting down", self.uid)
         # Stop the work first and settle the futures last, so that code
@@ -266,13 +261,18 @@ class WorkflowEngine:
         await self._shutdown_backends(
             self.shutdown_timeout if timeout is None else timeout
         )
-        if on_work_stopped is not None:
-            on_work_stopped()
-        if gate is not None:
-            await gate
+        if settle:
+            self._settle_all()
+
+    def _settle_all(self) -> None:
+        scheduler = self._scheduler
+        if self._settled:
+            return
+        self._settled = True
         cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
         if scheduler.store is not None:
             scheduler.store.close()
+            scheduler.store = None
         log.info(
             "engine %s shut down (%d unfinished task(s) cancelled)", self.uid, cancelled
         )
@@ -393,7 +393,6 @@ class TaskDecorator:
     @overload
     def __call__(
         self,
-        func: None = None,
         /,
         *,
         backend: str | None = None,
@@ -407,7 +406,7 @@ class TaskDecorator:
     ) -> Callable[[Callable[..., Any]], Task]: ...
     def __call__(
         self,
-        func: Callable[..., Any] | None = None,
+        func: Any = _BARE,
         /,
         *,
         backend: str | None = None,
@@ -419,6 +418,11 @@ class TaskDecorator:
         cache: bool = True,
         capture_stdio: bool = False,
     ) -> Task | Callable[[Callable[..., Any]], Task]:
+        if backend is not None and self._kind is TaskKind.BLOCK:
+            raise TypeError(
+                "@flow.block takes no backend=: blocks run on the engine's event "
+                "loop; give backend= to the tasks they call"
+            )
         target = self._engine._backend_named(backend, self._kind)
         options = TaskOptions(
             retries, retry_delay, retry_backoff, retry_on, timeout, cache
@@ -431,7 +435,7 @@ class TaskDecorator:
             task.definition.capture_stdio = capture_stdio
             return task
 
-        if func is None:
+        if func is _BARE:
             return decorate
         return decorate(func)
 

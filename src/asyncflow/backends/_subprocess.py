@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import shlex
 import signal
@@ -15,9 +14,7 @@ from typing import Any
 
 from ..errors import ExecutableError
 from ..tasks import TaskFuture, TaskState
-from .base import TaskReporter
-
-log = logging.getLogger("asyncflow.backends.subprocess")
+from .base import TaskReporter, log_started
 
 #: Seconds between SIGTERM and SIGKILL when a command is stopped.
 TERMINATE_GRACE = 3.0
@@ -39,14 +36,28 @@ def _kill_group(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 
 async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
-    """SIGTERM the command's process group, then SIGKILL it after ``grace``."""
+    """SIGTERM the command's process group, then SIGKILL it after ``grace``.
+
+    The SIGKILL is sent however the wait ends, even when it is cancelled
+    because the program is going down: the group never outlives its task.
+    """
     _kill_group(proc, signal.SIGTERM)
     try:
         await asyncio.wait_for(proc.wait(), grace)
     except asyncio.TimeoutError:
         pass
-    _kill_group(proc, signal.SIGKILL)
+    finally:
+        _kill_group(proc, signal.SIGKILL)
     await proc.wait()
+
+
+async def _spawn(
+    command: Any, shell: bool, options: dict[str, Any]
+) -> asyncio.subprocess.Process:
+    if shell:
+        return await asyncio.create_subprocess_shell(command, **options)
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    return await asyncio.create_subprocess_exec(*argv, **options)
 
 
 async def run_command(task: TaskFuture, grace: float = TERMINATE_GRACE) -> str:
@@ -71,11 +82,18 @@ async def run_command(task: TaskFuture, grace: float = TERMINATE_GRACE) -> str:
         "cwd": desc.get("cwd"),
     }
     try:
-        if desc.get("shell", True):
-            proc = await asyncio.create_subprocess_shell(command, **common)
-        else:
-            argv = shlex.split(command) if isinstance(command, str) else list(command)
-            proc = await asyncio.create_subprocess_exec(*argv, **common)
+        # Cancelled mid-spawn, asyncio would kill the shell alone and leave
+        # what it started: let the spawn finish, then stop the whole group.
+        spawning = asyncio.ensure_future(
+            _spawn(command, desc.get("shell", True), common)
+        )
+        try:
+            proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            proc = await spawning
+            await asyncio.shield(terminate(proc, grace))
+            raise
+        log_started(task, f" as process {proc.pid}")
         try:
             out, err = await proc.communicate()
         except BaseException:

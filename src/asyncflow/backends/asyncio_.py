@@ -9,7 +9,7 @@ from functools import partial
 
 from ..tasks import TaskFuture, TaskKind
 from ._subprocess import SubprocessRunner
-from .base import ExecutionBackend, TaskReporter
+from .base import ExecutionBackend, TaskReporter, log_started
 
 __all__ = ["AsyncioExecutionBackend"]
 
@@ -49,6 +49,7 @@ class AsyncioExecutionBackend(ExecutionBackend):
     async def _run(self, task: TaskFuture, attempt: int) -> None:
         definition = task._definition
         reporter = self.reporter
+        log_started(task)
         try:
             if definition.is_async:
                 value = await definition.function(*task.args, **task.kwargs)
@@ -57,7 +58,7 @@ class AsyncioExecutionBackend(ExecutionBackend):
                 value = await asyncio.get_running_loop().run_in_executor(None, call)
         except asyncio.CancelledError:
             return
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit & co. fail only this task
             if task.attempts == attempt:
                 reporter.failed(task, exc)
         else:

@@ -8,12 +8,23 @@ The engine never polls a backend.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from ..tasks import TaskFuture, TaskKind
 
-__all__ = ["ExecutionBackend", "TaskReporter"]
+__all__ = ["ExecutionBackend", "TaskReporter", "log_started"]
+
+_log = logging.getLogger("asyncflow.backends")
+
+
+def log_started(task: TaskFuture, where: str = "") -> None:
+    """Log (at DEBUG) that a task's work begins; call it from any thread."""
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug(
+            "started %s %r (attempt %d)%s", task.uid, task.name, task.attempts, where
+        )
 
 
 class TaskReporter(Protocol):

@@ -16,8 +16,9 @@ import cloudpickle
 
 from ..errors import WorkerLostError
 from ..tasks import TaskFuture, TaskKind, TaskState
+from ._pool import DaemonThreadPool
 from ._subprocess import SubprocessRunner
-from .base import ExecutionBackend, TaskReporter
+from .base import ExecutionBackend, TaskReporter, log_started
 
 __all__ = ["LocalExecutionBackend"]
 
@@ -49,20 +50,29 @@ def _worker_loop() -> asyncio.AbstractEventLoop:
     return holder.loop
 
 
+_Coroutines = dict[TaskFuture, tuple[asyncio.AbstractEventLoop, "asyncio.Task[Any]"]]
+
+
 def _call_in_thread(
-    task: TaskFuture, attempt: int, report: Callable[..., None]
+    task: TaskFuture, attempt: int, report: Callable[..., None], coroutines: _Coroutines
 ) -> None:
     if task.state is not _RUNNING or task.attempts != attempt:  # cancelled meanwhile
         return
+    log_started(task)
     definition = task._definition
     try:
         if definition.is_async:
             loop = _worker_loop()
             runner = loop.create_task(definition.function(*task.args, **task.kwargs))
-            task._handle = (loop, runner)
-            if task.state is not _RUNNING:
-                runner.cancel()
-            value = loop.run_until_complete(runner)
+            # Registered for cancel(); checked again after, since a cancel may
+            # have come between the state check above and this line.
+            coroutines[task] = (loop, runner)
+            try:
+                if task.state is not _RUNNING or task.attempts != attempt:
+                    runner.cancel()
+                value = loop.run_until_complete(runner)
+            finally:
+                coroutines.pop(task, None)
         else:
             value = definition.function(*task.args, **task.kwargs)
     except BaseException as exc:  # a bad body must not kill the worker thread
@@ -74,7 +84,9 @@ def _call_in_thread(
 
 
 def _call_in_process(payload: bytes) -> Any:
-    function, is_async, args, kwargs = cloudpickle.loads(payload)
+    function, is_async, args, kwargs, uid = cloudpickle.loads(payload)
+    if log.isEnabledFor(logging.DEBUG):  # a forked worker inherits the handler
+        log.debug("started %s in process %d", uid, os.getpid())
     if is_async:
         return _worker_loop().run_until_complete(function(*args, **kwargs))
     return function(*args, **kwargs)
@@ -109,9 +121,15 @@ class LocalExecutionBackend(ExecutionBackend):
     in ``__main__`` work. Executable tasks run as asyncio subprocesses, at most
     as many at once as the executor has workers.
 
+    Without an executor, a pool of daemon threads (as many as a default
+    ``ThreadPoolExecutor``) is used, so that a task stuck in a blocking call
+    cannot keep the program alive after shutdown.
+
     The backend owns the executor: shutting the backend down shuts it down.
     Work still running after ``shutdown_timeout`` seconds is abandoned (thread
-    pools: a blocking call cannot be interrupted) or killed (process pools).
+    pools: a blocking call cannot be interrupted; the non-daemon threads of a
+    ``ThreadPoolExecutor`` still delay interpreter exit) or killed (process
+    pools).
     """
 
     kinds = frozenset({TaskKind.FUNCTION, TaskKind.EXECUTABLE})
@@ -125,8 +143,10 @@ class LocalExecutionBackend(ExecutionBackend):
     ) -> None:
         super().__init__(name)
         if executor is None:
-            executor = ThreadPoolExecutor(thread_name_prefix=f"asyncflow-{name}")
-        elif not isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor)):
+            executor = DaemonThreadPool(thread_name_prefix=f"asyncflow-{name}")
+        elif not isinstance(
+            executor, (ThreadPoolExecutor, ProcessPoolExecutor, DaemonThreadPool)
+        ):
             raise TypeError(
                 "LocalExecutionBackend needs a ThreadPoolExecutor or a "
                 f"ProcessPoolExecutor, got {type(executor).__name__}"
@@ -138,6 +158,8 @@ class LocalExecutionBackend(ExecutionBackend):
         )
         self.shutdown_timeout = shutdown_timeout
         self._subprocesses = SubprocessRunner(self.max_workers)
+        # async bodies running in worker threads, for cancel()
+        self._coroutines: _Coroutines = {}
 
     def __await__(self) -> Generator[Any, None, LocalExecutionBackend]:
         """``await LocalExecutionBackend(...)`` is accepted for compatibility."""
@@ -160,14 +182,16 @@ class LocalExecutionBackend(ExecutionBackend):
                 elif self.processes:
                     self._submit_to_process(task, report)
                 else:
-                    task._handle = submit(_call_in_thread, task, task.attempts, report)  # type: ignore[misc]
+                    task._handle = submit(  # type: ignore[misc]
+                        _call_in_thread, task, task.attempts, report, self._coroutines
+                    )
             except Exception as exc:
                 reporter.failed(task, exc)
 
     def _submit_to_process(self, task: TaskFuture, report: Callable[..., None]) -> None:
         definition = task._definition
         payload = cloudpickle.dumps(
-            (definition.function, definition.is_async, task.args, task.kwargs)
+            (definition.function, definition.is_async, task.args, task.kwargs, task.uid)
         )
         if getattr(self.executor, "_broken", False):
             self._replace_pool()
@@ -191,27 +215,38 @@ class LocalExecutionBackend(ExecutionBackend):
 
     def cancel(self, task: TaskFuture) -> None:
         handle = task._handle
-        if isinstance(handle, tuple):
-            loop, runner = handle
-            try:
-                loop.call_soon_threadsafe(runner.cancel)
-            except RuntimeError:  # the worker's loop is already closed
-                pass
-        elif isinstance(handle, Future):
-            handle.cancel()
+        if isinstance(handle, Future):
+            if not handle.cancel():  # already running in a worker
+                running = self._coroutines.get(task)
+                if running is not None:
+                    loop, runner = running
+                    try:
+                        loop.call_soon_threadsafe(runner.cancel)
+                    except RuntimeError:  # the worker's loop is already closed
+                        pass
         else:
             self._subprocesses.cancel(task)
 
     async def shutdown(self) -> None:
         await self._subprocesses.shutdown()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        done = asyncio.get_running_loop().create_future()
-        _join_in_daemon_thread(self.executor, done)
+        executor = self.executor
+        # Read before shutdown(wait=False), which forgets both.
+        workers = list((getattr(executor, "_processes", None) or {}).values())
+        manager = getattr(executor, "_executor_manager_thread", None)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+        def join() -> None:
+            if manager is not None:
+                manager.join()
+            for worker in workers:
+                worker.join()
+            executor.shutdown(wait=True)
+
         try:
-            await asyncio.wait_for(done, self.shutdown_timeout)
+            await asyncio.wait_for(_in_daemon_thread(join), self.shutdown_timeout)
         except asyncio.TimeoutError:
             if self.processes:
-                killed = _kill_pool_processes(self.executor)
+                killed = _kill(workers)
                 log.warning(
                     "backend %r: %d worker process(es) still busy after %.1fs; killed",
                     self.name,
@@ -228,18 +263,20 @@ class LocalExecutionBackend(ExecutionBackend):
         log.info("backend %r shut down", self.name)
 
 
-def _join_in_daemon_thread(executor: Executor, done: asyncio.Future[None]) -> None:
-    """Wait for the pool's workers without tying up a pool of the loop's own."""
-    loop = done.get_loop()
+def _in_daemon_thread(function: Callable[[], None]) -> asyncio.Future[None]:
+    """Run a blocking join without tying up a thread pool of the loop's own."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
 
-    def join() -> None:
-        executor.shutdown(wait=True)
+    def run() -> None:
+        function()
         try:
             loop.call_soon_threadsafe(_set_done, done)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    threading.Thread(target=join, name="asyncflow-pool-join", daemon=True).start()
+    threading.Thread(target=run, name="asyncflow-pool-join", daemon=True).start()
+    return done
 
 
 def _set_done(done: asyncio.Future[None]) -> None:
@@ -247,8 +284,8 @@ def _set_done(done: asyncio.Future[None]) -> None:
         done.set_result(None)
 
 
-def _kill_pool_processes(executor: Executor) -> int:
-    processes = getattr(executor, "_processes", None) or {}
-    for process in list(processes.values()):
+def _kill(processes: list[Any]) -> int:
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
         process.kill()
-    return len(processes)
+    return len(alive)
