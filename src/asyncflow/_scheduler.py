@@ -310,8 +310,7 @@ class Scheduler:
                 exc_info=True,
             )
             for task in tasks:
-                if task.state is RUNNING:
-                    self._finish(task, FAILED, exc)
+                self._attempt_failed(task, exc)
 
     def _prepare(self, task: TaskFuture) -> bool:
         """Evaluate an executable/prompt body; True once the command is ready."""
@@ -435,6 +434,7 @@ class Scheduler:
             return
         assert options.timeout is not None
         self.stop_work(task)
+        self._cancel_members(task, f"block {task.name!r} ({task.uid}) timed out")
         self._attempt_failed(
             task, TaskTimeoutError(task.name, options.timeout, attempt)
         )
@@ -645,13 +645,17 @@ class Scheduler:
     def cancel(self, task: TaskFuture, msg: Any | None) -> None:
         if task.state is RUNNING:
             self.stop_work(task)
-            members = task._members
-            if members:
-                for member in list(members):
-                    member.cancel(msg)
+            self._cancel_members(task, msg)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("cancelling %s %r", task.uid, task.name)
         self._finish(task, CANCELLED, msg)
+
+    @staticmethod
+    def _cancel_members(block: TaskFuture, msg: Any | None) -> None:
+        members = block._members
+        if members:
+            for member in list(members):
+                member.cancel(msg)
 
     def cancel_all(self, msg: str) -> int:
         """Settle every unfinished task as CANCELLED (work already stopped)."""

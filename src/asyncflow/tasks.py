@@ -114,10 +114,6 @@ class TaskOptions:
         """Seconds to wait before attempt number ``attempt`` (2, 3, ...)."""
         return self.retry_delay * self.retry_backoff ** (attempt - 2)
 
-    @property
-    def is_default(self) -> bool:
-        return self.retries == 0 and self.timeout is None and self.cache
-
 
 DEFAULT_OPTIONS = TaskOptions()
 

@@ -408,3 +408,44 @@ async def test_dry_run_never_writes_placeholders(tmp_path: Path) -> None:
         assert store.count() == 0
     finally:
         store.close()
+
+
+async def test_timed_out_block_cancels_its_members(make_engine) -> None:
+    flow = await make_engine("asyncio")
+    members = []
+
+    @flow.function_task
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    @flow.block(timeout=0.2)
+    async def pipeline() -> None:
+        members.append(forever())
+        await members[-1]
+
+    with pytest.raises(TaskTimeoutError, match="pipeline"):
+        await pipeline()
+    assert [m.state for m in members] == ["CANCELLED"]
+
+
+async def test_a_failing_submit_is_retried() -> None:
+    from asyncflow import AsyncioExecutionBackend, TaskFuture
+
+    class FlakySubmit(AsyncioExecutionBackend):
+        refusals = 1
+
+        def submit(self, tasks: list[TaskFuture]) -> None:  # type: ignore[override]
+            if self.refusals:
+                self.refusals -= 1
+                raise ConnectionError("scheduler busy")
+            super().submit(tasks)
+
+    async with await WorkflowEngine.create(backend=FlakySubmit()) as flow:
+
+        @flow.function_task(retries=1, retry_on=ConnectionError)
+        async def job() -> str:
+            return "ran"
+
+        fut = job()
+        assert await fut == "ran"
+        assert fut.attempts == 2
