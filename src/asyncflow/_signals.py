@@ -9,9 +9,11 @@ otherwise ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -72,6 +74,10 @@ class _SignalHub:
     ) -> None:
         stopping = [engine._begin_shutdown(settle=False) for engine in engines]
         await asyncio.gather(*stopping, return_exceptions=True)
+        if not _is_own_handler(previous) and any(
+            engine._abandoned_threads for engine in engines
+        ):
+            _exit_without_joining(128 + sig)
         # Queue the exit first, then settle every future in this same step:
         # the program's own tasks resume only after the exit is on its way.
         self.loop.call_soon(_exit_as_signalled, sig, previous)
@@ -79,8 +85,44 @@ class _SignalHub:
             engine._settle_all()
 
 
+def _exit_without_joining(code: int) -> None:
+    """Make interpreter exit skip joining threads stuck in blocking calls.
+
+    A ``ThreadPoolExecutor`` thread is joined at exit, so a call that never
+    returns would keep a signalled program alive for good. The hook runs when
+    the interpreter starts waiting for threads, after the program's own
+    clean-up, and ends the process with the signal's exit status.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - all supported Pythons have it
+        return
+
+    def leave() -> None:
+        log.warning("threads stuck in blocking calls were abandoned; exiting")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    with contextlib.suppress(RuntimeError):
+        register(leave)
+
+
+def _is_own_handler(previous: Any) -> bool:
+    """Whether the program had installed a handler of its own (asyncio.run's
+    SIGINT handler, which turns Ctrl-C into KeyboardInterrupt, is not)."""
+    runner = getattr(asyncio, "Runner", None)  # Python 3.11+
+    # asyncio.Runner installs functools.partial(self._on_sigint, ...).
+    owner = getattr(getattr(previous, "func", previous), "__self__", None)
+    return (
+        callable(previous)
+        and previous is not signal.default_int_handler
+        and not (runner is not None and isinstance(owner, runner))
+    )
+
+
 def _exit_as_signalled(sig: int, previous: Any) -> None:
-    if callable(previous) and previous is not signal.default_int_handler:
+    if _is_own_handler(previous):
         signal.raise_signal(sig)
     elif sig == signal.SIGINT:
         raise KeyboardInterrupt
@@ -89,16 +131,20 @@ def _exit_as_signalled(sig: int, previous: Any) -> None:
 
 
 def _forget_handlers_in_child() -> None:
-    # A forked child (a process-pool worker) inherits the loop's signal
-    # wakeup fd: a signal sent to the child would be written to the parent's
-    # socket and read there as the parent's own. Give the child the defaults.
-    if not any(hub.previous for hub in _hubs.values()):
-        return
+    # A forked child (a process-pool worker) inherits the parent loop's
+    # signal wakeup fd: a signal sent to the child would be written to the
+    # parent's socket and read there as the parent's own. The child has no
+    # running loop yet, so it gets the default dispositions back.
     _hubs.clear()
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, default in (
+            (signal.SIGINT, signal.default_int_handler),
+            (signal.SIGTERM, signal.SIG_DFL),
+        ):
+            handler = signal.getsignal(sig)
+            if getattr(handler, "__module__", None) == "asyncio.unix_events":
+                signal.signal(sig, default)
     except ValueError:  # forked from a thread other than the main one
         pass
 

@@ -177,6 +177,12 @@ class WorkflowEngine:
     def is_shut_down(self) -> bool:
         return self._shutdown_task is not None
 
+    @property
+    def _abandoned_threads(self) -> bool:
+        return any(
+            getattr(b, "abandoned_threads", False) for b in self._backends.values()
+        )
+
     # -- decorators ---------------------------------------------------------
 
     @property

@@ -60,6 +60,24 @@ async def _spawn(
     return await asyncio.create_subprocess_exec(*argv, **options)
 
 
+async def _stop_when_spawned(
+    spawning: asyncio.Future[asyncio.subprocess.Process], grace: float
+) -> None:
+    """Let an interrupted spawn finish (however often we are cancelled
+    meanwhile: cancelling it would strand asyncio's transport), then stop
+    the process group it started."""
+    while not spawning.done():
+        try:
+            await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return
+    if spawning.cancelled() or spawning.exception() is not None:
+        return
+    await asyncio.shield(terminate(spawning.result(), grace))
+
+
 async def run_command(task: TaskFuture, grace: float = TERMINATE_GRACE) -> str:
     """Run ``task.command``; return its stdout or raise :class:`ExecutableError`."""
     command = task.command
@@ -90,8 +108,7 @@ async def run_command(task: TaskFuture, grace: float = TERMINATE_GRACE) -> str:
         try:
             proc = await asyncio.shield(spawning)
         except asyncio.CancelledError:
-            proc = await spawning
-            await asyncio.shield(terminate(proc, grace))
+            await _stop_when_spawned(spawning, grace)
             raise
         log_started(task, f" as process {proc.pid}")
         try:

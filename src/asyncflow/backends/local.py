@@ -56,7 +56,11 @@ _Coroutines = dict[TaskFuture, tuple[asyncio.AbstractEventLoop, "asyncio.Task[An
 def _call_in_thread(
     task: TaskFuture, attempt: int, report: Callable[..., None], coroutines: _Coroutines
 ) -> None:
-    if task.state is not _RUNNING or task.attempts != attempt:  # cancelled meanwhile
+    if (
+        task.state is not _RUNNING
+        or task.attempts != attempt
+        or task._engine._scheduler.closing
+    ):  # cancelled, retried or shut down while queued
         return
     log_started(task)
     definition = task._definition
@@ -160,6 +164,8 @@ class LocalExecutionBackend(ExecutionBackend):
         self._subprocesses = SubprocessRunner(self.max_workers)
         # async bodies running in worker threads, for cancel()
         self._coroutines: _Coroutines = {}
+        #: Set when shutdown gave up on non-daemon threads still running.
+        self.abandoned_threads = False
 
     def __await__(self) -> Generator[Any, None, LocalExecutionBackend]:
         """``await LocalExecutionBackend(...)`` is accepted for compatibility."""
@@ -260,6 +266,8 @@ class LocalExecutionBackend(ExecutionBackend):
                     self.name,
                     self.shutdown_timeout,
                 )
+                # Python joins a ThreadPoolExecutor's threads at exit.
+                self.abandoned_threads = isinstance(executor, ThreadPoolExecutor)
         log.info("backend %r shut down", self.name)
 
 

@@ -1,0 +1,550 @@
+"""SPEC §3 executable tasks, on the thread-pool and asyncio backends (§6).
+
+The body returns a command; the backend runs it; the result is its stdout.
+Concurrency and cancellation are proven with marker files written by the
+commands themselves and with psutil, never with timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import re
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from asyncflow import (
+    DRY_RUN_RESULT,
+    AsyncioExecutionBackend,
+    ExecutableError,
+    ExecutionBackend,
+    LocalExecutionBackend,
+    NoopExecutionBackend,
+    WorkflowEngine,
+)
+
+LIVENESS = 20.0
+
+BACKENDS: dict[str, Callable[[int], ExecutionBackend]] = {
+    "threads": lambda n: LocalExecutionBackend(ThreadPoolExecutor(n)),
+    "asyncio": lambda n: AsyncioExecutionBackend(max_subprocesses=n),
+}
+
+
+@pytest.fixture
+async def make_flow() -> AsyncIterator[Callable[..., Any]]:
+    made: list[WorkflowEngine] = []
+
+    async def make(backend: str, workers: int = 4) -> WorkflowEngine:
+        flow = await WorkflowEngine.create(backend=BACKENDS[backend](workers))
+        made.append(flow)
+        return flow
+
+    yield make
+    for flow in made:
+        await asyncio.wait_for(flow.shutdown(timeout=5), LIVENESS)
+
+
+@pytest.fixture(params=list(BACKENDS))
+async def flow(request: pytest.FixtureRequest, make_flow) -> WorkflowEngine:
+    return await make_flow(request.param)
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[psutil.Process]]:
+    procs: list[psutil.Process] = []
+    yield procs
+    for proc in procs:
+        if alive(proc):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+async def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + LIVENESS
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def group_of(leader: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == leader:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+async def failure_of(fut: asyncio.Future[Any]) -> BaseException:
+    await asyncio.wait([fut], timeout=LIVENESS)
+    assert fut.done(), "the task never finished"
+    assert fut.state == "FAILED", fut
+    error = fut.exception()
+    assert error is not None
+    return error
+
+
+# -- results, shell and argv ----------------------------------------------------
+
+
+async def test_stdout_is_the_result(flow: WorkflowEngine) -> None:
+    @flow.executable_task
+    async def greet(name: str) -> str:
+        return f"echo hello {name}; echo second line"
+
+    fut = greet("world")
+    result = await fut
+    assert type(result) is str
+    assert result == "hello world\nsecond line\n"
+    assert fut.state == "DONE"
+
+
+async def test_commands_run_through_the_shell_by_default(
+    flow: WorkflowEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AF_TEST_GREETING", "bonjour")
+
+    @flow.executable_task
+    async def pipeline() -> str:
+        return "printf 'b\\na\\nc\\n' | sort | tr a-z A-Z"
+
+    @flow.executable_task
+    async def expand() -> str:
+        return 'echo "$AF_TEST_GREETING" && echo $((6 * 7))'
+
+    @flow.executable_task
+    async def redirect(path: str) -> str:
+        return f"echo written > {path}; cat {path}"
+
+    assert await pipeline() == "A\nB\nC\n"
+    assert await expand() == "bonjour\n42\n"
+    assert await redirect(str(tmp_path / "out.txt")) == "written\n"
+    assert (tmp_path / "out.txt").read_text() == "written\n"
+
+
+async def test_shell_false_runs_argv_without_interpreting_shell_syntax(
+    flow: WorkflowEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AF_TEST_GREETING", "bonjour")
+    target = tmp_path / "must-not-exist"
+
+    @flow.executable_task
+    async def literal(task_description: dict = {"shell": False}) -> str:  # noqa: B006
+        return f"echo $AF_TEST_GREETING | cat > {target}; $((1+1))"
+
+    @flow.executable_task
+    async def quoted() -> str:
+        return "printf '%s|' 'a b' c"
+
+    # echo got every word literally: no expansion, pipe or redirection.
+    assert await literal() == f"$AF_TEST_GREETING | cat > {target}; $((1+1))\n"
+    assert not target.exists()
+    # Call-time description, and argv quoting as in a shell (shlex rules).
+    assert await quoted(task_description={"shell": False}) == "a b|c|"
+
+
+async def test_shell_false_unknown_program_fails_without_hanging(
+    flow: WorkflowEngine,
+) -> None:
+    @flow.executable_task
+    async def missing() -> str:
+        return "af-no-such-program-xyz --flag"
+
+    @flow.executable_task
+    async def fine() -> str:
+        return "echo fine"
+
+    fut = missing(task_description={"shell": False})
+    error = await failure_of(fut)
+    assert "af-no-such-program-xyz" in str(error)
+    assert await fine() == "fine\n"
+
+
+# -- task_description: env, cwd, merging ------------------------------------------
+
+
+async def test_env_is_merged_over_the_environment(
+    flow: WorkflowEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AF_TEST_INHERITED", "inherited")
+    monkeypatch.setenv("AF_TEST_OVERRIDDEN", "old")
+
+    @flow.executable_task
+    async def show() -> str:
+        return 'echo "$AF_TEST_ONLY_HERE:$AF_TEST_INHERITED:$AF_TEST_OVERRIDDEN"'
+
+    env = {"AF_TEST_ONLY_HERE": "here", "AF_TEST_OVERRIDDEN": "new"}
+    assert await show(task_description={"env": env}) == "here:inherited:new\n"
+
+    # Without the shell as well (PATH is inherited, so `env` is found).
+    @flow.executable_task
+    async def environment() -> str:
+        return "env"
+
+    lines = set(
+        (await environment(task_description={"env": env, "shell": False})).split()
+    )
+    assert {
+        "AF_TEST_ONLY_HERE=here",
+        "AF_TEST_INHERITED=inherited",
+        "AF_TEST_OVERRIDDEN=new",
+    } <= lines
+    # The engine's own environment is untouched.
+    assert "AF_TEST_ONLY_HERE" not in os.environ
+    assert os.environ["AF_TEST_OVERRIDDEN"] == "old"
+
+
+async def test_cwd_is_honoured(flow: WorkflowEngine, tmp_path: Path) -> None:
+    (tmp_path / "input.txt").write_text("data in cwd\n")
+
+    @flow.executable_task
+    async def where() -> str:
+        return "pwd; cat input.txt"
+
+    out = await where(task_description={"cwd": str(tmp_path)})
+    cwd, content = out.splitlines()
+    assert os.path.realpath(cwd) == os.path.realpath(tmp_path)
+    assert content == "data in cwd"
+
+    @flow.executable_task
+    async def ls() -> str:
+        return "ls"
+
+    # Without the shell too; a path-like cwd works like a str.
+    assert await ls(task_description={"cwd": tmp_path, "shell": False}) == (
+        "input.txt\n"
+    )
+
+
+async def test_definition_default_and_call_time_description_merge(
+    flow: WorkflowEngine, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    default = {"env": {"AF_TEST_LEVEL": "definition"}, "cwd": str(first)}
+    seen: list[tuple[Any, dict[str, Any]]] = []
+
+    @flow.executable_task
+    async def probe(label: str, task_description: dict = default, **kwargs: Any) -> str:
+        seen.append((task_description, kwargs))
+        return f'echo "{label}:$AF_TEST_LEVEL"; pwd'
+
+    def parse(out: str) -> tuple[str, str]:
+        line, cwd = out.splitlines()
+        return line, os.path.realpath(cwd)
+
+    assert parse(await probe("plain")) == (
+        "plain:definition",
+        os.path.realpath(first),
+    )
+    # A call-time key overrides the definition's; the others stay.
+    assert parse(
+        await probe("env", task_description={"env": {"AF_TEST_LEVEL": "call"}})
+    ) == ("env:call", os.path.realpath(first))
+    assert parse(await probe("cwd", task_description={"cwd": str(second)})) == (
+        "cwd:definition",
+        os.path.realpath(second),
+    )
+    # The definition default is not mutated by call-time keys.
+    assert default == {"env": {"AF_TEST_LEVEL": "definition"}, "cwd": str(first)}
+    assert parse(await probe("again")) == (
+        "again:definition",
+        os.path.realpath(first),
+    )
+    # The description (and workflow_id) never reach the body.
+    await probe("tagged", task_description={"cwd": str(second)}, workflow_id="wf-1")
+    for description, kwargs in seen:
+        assert description is default
+        assert kwargs == {}
+
+
+async def test_workflow_id_is_stripped_and_kept_as_a_tag(flow: WorkflowEngine) -> None:
+    seen: list[dict[str, Any]] = []
+
+    @flow.executable_task
+    async def tagged(**kwargs: Any) -> str:
+        seen.append(kwargs)
+        return "echo tagged"
+
+    fut = tagged(workflow_id="wf-42", task_description={"shell": True})
+    assert await fut == "tagged\n"
+    assert seen == [{}]
+    assert fut.workflow_id == "wf-42"
+
+
+# -- failures -------------------------------------------------------------------
+
+
+async def test_nonzero_exit_fails_with_executable_error(flow: WorkflowEngine) -> None:
+    command = (
+        "echo partial-output; "
+        "for i in $(seq 1 200); do echo errline-$i >&2; done; exit 3"
+    )
+
+    @flow.executable_task
+    async def simulate() -> str:
+        return command
+
+    @flow.executable_task
+    async def sibling() -> str:
+        return "echo unaffected"
+
+    fut = simulate()
+    other = sibling()
+    error = await failure_of(fut)
+    assert isinstance(error, ExecutableError)
+    assert isinstance(error, RuntimeError)
+    assert error.exit_code == 3
+    assert error.stdout == "partial-output\n"
+    assert error.stderr.splitlines() == [f"errline-{i}" for i in range(1, 201)]
+    assert error.command == command
+    message = str(error)
+    assert "simulate" in message
+    assert re.search(r"\b3\b", message), message
+    # The tail of stderr, not all of it.
+    assert "errline-200" in message
+    assert "errline-199" in message
+    assert not re.search(r"errline-1\b", message), message
+    with pytest.raises(ExecutableError):
+        await fut
+    assert await other == "unaffected\n"
+
+
+async def test_nonzero_exit_without_shell(flow: WorkflowEngine) -> None:
+    @flow.executable_task
+    async def nope() -> str:
+        return "false"
+
+    error = await failure_of(nope(task_description={"shell": False}))
+    assert isinstance(error, ExecutableError)
+    assert error.exit_code == 1
+    assert error.stdout == ""
+
+
+@pytest.mark.parametrize(("signame", "signum"), [("SIGKILL", 9), ("SIGTERM", 15)])
+async def test_killed_by_a_signal_reports_negative_exit_code(
+    flow: WorkflowEngine, signame: str, signum: int
+) -> None:
+    @flow.executable_task
+    async def doomed() -> str:
+        return f"echo before; kill -{signame[3:]} $$; echo never"
+
+    error = await failure_of(doomed())
+    assert isinstance(error, ExecutableError)
+    assert error.exit_code == -signum
+    assert error.stdout == "before\n"
+    assert signame in str(error)
+    assert "doomed" in str(error)
+
+
+BAD_COMMANDS = [42, None, b"echo hi", ["echo", "hi"], "", "   ", "\n\t"]
+
+
+@pytest.mark.parametrize("bad", BAD_COMMANDS, ids=repr)
+async def test_body_returning_a_non_command_fails_naming_the_task(
+    flow: WorkflowEngine, bad: Any
+) -> None:
+    @flow.executable_task
+    async def build_command() -> Any:
+        return bad
+
+    @flow.executable_task
+    def sync_build_command() -> Any:
+        return bad
+
+    @flow.executable_task
+    async def sibling() -> str:
+        return "echo sibling"
+
+    for task in (build_command, sync_build_command):
+        error = await failure_of(task())
+        assert type(error) is ValueError
+        assert task.__name__ in str(error)
+    assert await sibling() == "sibling\n"
+
+
+async def test_body_raising_fails_the_task(flow: WorkflowEngine) -> None:
+    @flow.executable_task
+    async def broken(x: int) -> str:
+        raise KeyError(f"missing input {x}")
+
+    error = await failure_of(broken(7))
+    assert isinstance(error, KeyError)
+    assert "missing input 7" in str(error)
+
+
+# -- cancellation and concurrency ---------------------------------------------------
+
+
+async def test_cancelling_a_running_command_kills_its_process_group(
+    flow: WorkflowEngine, reaper, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "sh.pid"
+
+    @flow.executable_task
+    async def long_command() -> str:
+        return f"echo $$ > {tmp_path}/sh.tmp && mv {tmp_path}/sh.tmp {pid_file}; " + (
+            "sleep 60 & sleep 60"
+        )
+
+    @flow.executable_task
+    async def afterwards() -> str:
+        return "echo still works"
+
+    fut = long_command()
+    await wait_until(pid_file.exists, "the command to start")
+    leader = int(pid_file.read_text())
+
+    def sleeps() -> list[psutil.Process]:
+        return [p for p in group_of(leader) if p.name() == "sleep"]
+
+    await wait_until(lambda: len(sleeps()) == 2, "both sleeps to start")
+    procs = group_of(leader)
+    reaper.extend(procs)
+    assert fut.state == "RUNNING"
+
+    assert fut.cancel() is True
+    assert fut.state == "CANCELLED"
+    with pytest.raises(asyncio.CancelledError):
+        await fut
+    await wait_until(
+        lambda: not any(alive(p) for p in procs), "the whole group to be gone"
+    )
+    assert await afterwards() == "still works\n"
+
+
+async def test_cancel_during_body_evaluation_closes_the_body(
+    flow: WorkflowEngine,
+) -> None:
+    @flow.executable_task
+    async def prepare() -> str:
+        return "echo should-not-run"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fut = prepare()
+        await asyncio.sleep(0)  # dispatched: the body is being evaluated
+        assert fut.state == "RUNNING"
+        assert fut.cancel() is True
+        for _ in range(5):
+            await asyncio.sleep(0)
+        del fut
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert not unawaited, unawaited
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+async def test_concurrency_is_bounded_by_the_worker_count(
+    make_flow, tmp_path: Path, backend: str
+) -> None:
+    workers, tasks = 2, 6
+    flow = await make_flow(backend, workers)
+    running, seen, release = (tmp_path / d for d in ("running", "seen", "release"))
+    for d in (running, seen, release):
+        d.mkdir()
+
+    @flow.executable_task
+    async def step(i: int) -> str:
+        # Record how many commands run right now (this one included), then
+        # wait for the test to release this one.
+        return (
+            f"touch {running}/{i}; n=$(ls {running} | wc -l); "
+            f"echo $n > {seen}/{i}.tmp && mv {seen}/{i}.tmp {seen}/{i}; "
+            f"while [ ! -e {release}/{i} ]; do sleep 0.01; done; "
+            f"rm {running}/{i}; echo $n"
+        )
+
+    futs = [step(i) for i in range(tasks)]
+    released: list[str] = []
+    while len(released) < tasks:
+        # Wait until as many commands as there are workers are started and
+        # waiting (the bound must be reached, not only respected) ...
+        want = min(workers, tasks - len(released))
+        await wait_until(
+            lambda want=want: (
+                len({p.name for p in seen.iterdir() if not p.name.endswith(".tmp")})
+                - len(released)
+                >= want
+            ),
+            f"{want} commands to be running",
+        )
+        # ... and never more than that.
+        assert len(list(running.iterdir())) <= workers
+        waiting = sorted(
+            p.name
+            for p in seen.iterdir()
+            if not p.name.endswith(".tmp") and p.name not in released
+        )
+        (release / waiting[0]).touch()
+        released.append(waiting[0])
+    results = await asyncio.wait_for(asyncio.gather(*futs), LIVENESS)
+    counts = [int(r) for r in results]
+    assert max(counts) == workers, counts
+    assert all(c <= workers for c in counts), counts
+
+
+# -- dry run ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["noop_backend", "dry_run_flag"])
+async def test_dry_run_evaluates_the_body_but_runs_no_command(
+    tmp_path: Path, how: str
+) -> None:
+    marker = tmp_path / "ran"
+    evaluated: list[int] = []
+    if how == "noop_backend":
+        flow = await WorkflowEngine.create(backend=NoopExecutionBackend())
+    else:
+        flow = await WorkflowEngine.create(dry_run=True)
+    try:
+
+        @flow.executable_task
+        async def touch(i: int) -> str:
+            evaluated.append(i)
+            return f"touch {marker}"
+
+        @flow.executable_task
+        async def bad_body() -> str:
+            raise ValueError("invalid parameters")
+
+        @flow.executable_task
+        async def empty_command() -> str:
+            return ""
+
+        fut = touch(1)
+        assert await fut == DRY_RUN_RESULT
+        assert fut.state == "DONE"
+        assert evaluated == [1]
+        assert not marker.exists()
+        error = await failure_of(bad_body())
+        assert isinstance(error, ValueError)
+        assert "invalid parameters" in str(error)
+        error = await failure_of(empty_command())
+        assert type(error) is ValueError
+        assert "empty_command" in str(error)
+    finally:
+        await flow.shutdown()
+    assert not marker.exists()
