@@ -43,6 +43,8 @@ _set_result = asyncio.Future.set_result
 _set_exception = asyncio.Future.set_exception
 _future_cancel = asyncio.Future.cancel
 
+_NO_KWARGS: dict[str, Any] = {}
+
 #: Marks a task whose executable/prompt body is still being evaluated.
 _PREPARING = object()
 
@@ -599,6 +601,9 @@ class Scheduler:
                 block._members.discard(task)
         task._deps = None
         task._handle = None
+        # Drop the inputs: a finished future must not keep them alive.
+        task.args = ()
+        task.kwargs = _NO_KWARGS
         if debug:
             if state is FAILED:
                 log.debug(

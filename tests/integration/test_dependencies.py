@@ -292,3 +292,31 @@ async def test_diamond_runs_each_task_once(flow: WorkflowEngine) -> None:
 
     t = top()
     assert await bottom(left(t), right(t)) == 112
+
+
+async def test_finished_tasks_release_their_arguments(
+    local_flow: WorkflowEngine,
+) -> None:
+    flow = local_flow
+    import gc
+    import weakref
+
+    class Blob:
+        pass
+
+    @flow.function_task
+    def make() -> Blob:
+        return Blob()
+
+    @flow.function_task
+    def size_of(blob: Blob) -> int:
+        return 1
+
+    first = make()
+    result = size_of(first)
+    assert await result == 1
+    ref = weakref.ref(first.result())
+    del first
+    gc.collect()
+    assert ref() is None, "a finished task still holds its resolved arguments"
+    assert result.args == ()

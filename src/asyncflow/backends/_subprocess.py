@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import re
 import shlex
+import shutil
 import signal
 from collections import deque
 from collections.abc import Mapping
@@ -51,10 +54,48 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
     await proc.wait()
 
 
+#: A command made only of these characters has no shell syntax in it.
+_PLAIN = re.compile(r"[A-Za-z0-9_\-./:,+@%= ]+")
+#: Names the shell runs itself (or differently from the program of that name).
+_SHELL_WORDS = frozenset(
+    ["alias", "bg", "break", "cd", "command", "continue", "echo", "eval", "exec", "exit", "export", "false", "fc", "fg", "getopts", "hash", "jobs", "kill", "local", "printf", "pwd", "read", "readonly", "return", "set", "shift", "source", "test", "times", "trap", "true", "type", "ulimit", "umask", "unalias", "unset", "wait"]
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _on_path(program: str, path: str | None) -> bool:
+    return shutil.which(program, path=path) is not None
+
+
+def _direct_argv(command: str, options: dict[str, Any]) -> list[str] | None:
+    """argv for running ``command`` without a shell, when that cannot change
+    what it does: plain words, the first naming an existing program."""
+    if not _PLAIN.fullmatch(command):
+        return None
+    argv = command.split()
+    if not argv or "=" in argv[0] or argv[0] in _SHELL_WORDS:
+        return None
+    program = argv[0]
+    env = options.get("env")
+    if env is not None and env.get("PATH") != os.environ.get("PATH"):
+        return None
+    if "/" in program:
+        if not os.path.isabs(program) and options.get("cwd") is not None:
+            return None
+        usable = os.path.isfile(program) and os.access(program, os.X_OK)
+    else:
+        usable = _on_path(program, os.environ.get("PATH"))
+    return argv if usable else None
+
+
 async def _spawn(
     command: Any, shell: bool, options: dict[str, Any]
 ) -> asyncio.subprocess.Process:
     if shell:
+        # Skipping ``sh -c`` for a plain command saves a process start.
+        argv = _direct_argv(command, options)
+        if argv is not None:
+            return await asyncio.create_subprocess_exec(*argv, **options)
         return await asyncio.create_subprocess_shell(command, **options)
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     return await asyncio.create_subprocess_exec(*argv, **options)
