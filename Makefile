@@ -24,3 +24,12 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+
+# The side-by-side benchmark suite (benchmarks/README.md): builds
+# benchmarks/.venv with the pinned peers, takes ~12 minutes on 2 cores.
+bench:
+	$(PYTHON) benchmarks/run.py
+
+.PHONY: bench-quick
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick

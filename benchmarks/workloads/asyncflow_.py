@@ -1,0 +1,189 @@
+"""The workloads on our library (``asyncflow``).
+
+Task bodies are ``async def``, the shape RADICAL AsyncFlow requires, unless the
+variant ends in ``def`` (plain functions, which our library also accepts).
+
+    python -m benchmarks.workloads.asyncflow_ --workload W1 --size 10000
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asyncflow import AsyncioExecutionBackend, LocalExecutionBackend, WorkflowEngine
+
+from ._common import PAUSE, Probe, main
+
+SYSTEM = "asyncflow"
+THREADS = 4
+EXEC_CONCURRENCY = 8
+WIDTH = 100
+#: Run the command directly (argv), as the raw baseline does.
+
+
+async def _engine(variant: str) -> WorkflowEngine:
+    if variant == "dry":
+        return await WorkflowEngine.create(dry_run=True)
+    if variant == "asyncio":
+        return await WorkflowEngine.create(backend=AsyncioExecutionBackend())
+    backend = await LocalExecutionBackend(ThreadPoolExecutor(THREADS))
+    return await WorkflowEngine.create(backend=backend)
+
+
+async def wide(size: int, variant: str) -> dict[str, Any]:
+    """W1: independent no-op tasks on a thread pool."""
+    probe = Probe()
+    flow = await _engine("threads")
+    if variant == "def":
+
+        @flow.function_task
+        def noop() -> None:
+            return None
+
+    else:
+
+        @flow.function_task
+        async def noop() -> None:
+            return None
+
+    probe.start()
+    await asyncio.gather(*[noop() for _ in range(size)])
+    probe.stop()
+    await flow.shutdown()
+    return probe.result(tasks=size)
+
+
+async def chain(size: int, variant: str) -> dict[str, Any]:
+    """W2: each task depends on the previous one; reported per hop."""
+    probe = Probe()
+    flow = await _engine(variant.removesuffix("-def"))
+    if variant.endswith("-def"):
+
+        @flow.function_task
+        def step(previous: object) -> object:
+            return previous
+
+    else:
+
+        @flow.function_task
+        async def step(previous: object) -> object:
+            return previous
+
+    probe.start()
+    last = step(None)
+    for _ in range(size - 1):
+        last = step(last)
+    await last
+    probe.stop()
+    await flow.shutdown()
+    return probe.result(tasks=size)
+
+
+async def execs(size: int, variant: str) -> dict[str, Any]:
+    """W3: ``/bin/true`` executable tasks, 8 at a time, with default settings.
+
+    A plain command like this one is started without ``sh -c``.
+    """
+    probe = Probe()
+    flow = await WorkflowEngine.create(
+        backend=AsyncioExecutionBackend(max_subprocesses=EXEC_CONCURRENCY)
+    )
+
+    @flow.executable_task
+    async def true() -> str:
+        return "/bin/true"
+
+    probe.start()
+    await asyncio.gather(*[true() for _ in range(size)])
+    probe.stop()
+    await flow.shutdown()
+    return probe.result(tasks=size)
+
+
+async def layered(size: int, variant: str) -> dict[str, Any]:
+    """W4: dry run of layers of 100 tasks, each on 2 tasks of the layer above."""
+    probe = Probe()
+    flow = await _engine("dry")
+
+    @flow.function_task
+    async def node(*upstream: object) -> None:
+        return None
+
+    probe.start()
+    layer = [node() for _ in range(WIDTH)]
+    for _ in range(size // WIDTH - 1):
+        layer = [node(layer[j], layer[(j + 1) % WIDTH]) for j in range(WIDTH)]
+    await asyncio.gather(*layer)
+    probe.stop()
+    await flow.shutdown()
+    return probe.result(tasks=size // WIDTH * WIDTH)
+
+
+async def io_bound(size: int, variant: str) -> dict[str, Any]:
+    """W5: tasks that each await ``asyncio.sleep(0.05)``, asyncio-native."""
+    probe = Probe()
+    flow = await _engine("asyncio")
+
+    @flow.function_task
+    async def wait() -> None:
+        await asyncio.sleep(PAUSE)
+
+    probe.start()
+    await asyncio.gather(*[wait() for _ in range(size)])
+    probe.stop()
+    await flow.shutdown()
+    return probe.result(tasks=size)
+
+
+async def map_reduce(size: int, variant: str) -> dict[str, Any]:
+    """W6: ``size`` map tasks, then a binary tree of pairwise reductions."""
+    probe = Probe()
+    flow = await _engine("threads")
+    if variant == "def":
+
+        @flow.function_task
+        def square(i: int) -> int:
+            return i * i
+
+        @flow.function_task
+        def add(a: int, b: int) -> int:
+            return a + b
+
+    else:
+
+        @flow.function_task
+        async def square(i: int) -> int:
+            return i * i
+
+        @flow.function_task
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+    probe.start()
+    level = [square(i) for i in range(size)]
+    while len(level) > 1:
+        paired = [add(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    total = await level[0]
+    probe.stop()
+    await flow.shutdown()
+    if total != sum(i * i for i in range(size)):
+        raise AssertionError(f"map-reduce returned {total}")
+    return probe.result(tasks=2 * size - 1)
+
+
+WORKLOADS = {
+    "W1": wide,
+    "W2": chain,
+    "W3": execs,
+    "W4": layered,
+    "W5": io_bound,
+    "W6": map_reduce,
+}
+
+if __name__ == "__main__":
+    main(SYSTEM, WORKLOADS)
