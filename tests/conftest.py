@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+import psutil
 import pytest
 
 from asyncflow import (
@@ -14,6 +15,8 @@ from asyncflow import (
     NoopExecutionBackend,
     WorkflowEngine,
 )
+
+from .processes import kill_alive
 
 BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
     "noop": NoopExecutionBackend,
@@ -52,3 +55,11 @@ async def flow(request: pytest.FixtureRequest, make_engine) -> WorkflowEngine:
 async def local_flow(request: pytest.FixtureRequest, make_engine) -> WorkflowEngine:
     """An engine whose task bodies run in this process (threads or the loop)."""
     return await make_engine(request.param)
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[psutil.Process]]:
+    """Processes to kill at teardown if they are still alive (test failed)."""
+    procs: list[psutil.Process] = []
+    yield procs
+    kill_alive(procs)

@@ -68,6 +68,14 @@ def code_hash(definition: TaskDefinition) -> str:
     return definition._code_hash
 
 
+def _pickled(value: Any) -> bytes:
+    """pickle, or cloudpickle for what pickle cannot do (lambdas, locals)."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        return bytes(cloudpickle.dumps(value, protocol=5))
+
+
 def _encode(value: Any, out: list[bytes]) -> None:
     kind = type(value)
     if value is None or kind is bool:
@@ -95,12 +103,9 @@ def _encode(value: Any, out: list[bytes]) -> None:
         out.append(b"p" + _encoded(str(value)))
     else:
         try:
-            data = pickle.dumps(value, protocol=5)
-        except Exception:
-            try:
-                data = cloudpickle.dumps(value, protocol=5)
-            except Exception as exc:
-                raise Uncacheable(f"{kind.__name__} argument: {exc}") from None
+            data = _pickled(value)
+        except Exception as exc:
+            raise Uncacheable(f"{kind.__name__} argument: {exc}") from None
         out.append(b"o" + struct.pack("<Q", len(data)) + data)
 
 
@@ -204,20 +209,17 @@ class CheckpointStore:
 
     def store(self, key: str, task: TaskFuture, value: Any) -> None:
         try:
-            blob = pickle.dumps(value, protocol=5)
-        except Exception:
-            try:
-                blob = cloudpickle.dumps(value, protocol=5)
-            except Exception as exc:
-                self._warn_once(
-                    task.name,
-                    "result of task %r (%s) cannot be pickled (%s); it is not "
-                    "checkpointed and will be recomputed on a re-run",
-                    task.name,
-                    task.uid,
-                    exc,
-                )
-                return
+            blob = _pickled(value)
+        except Exception as exc:
+            self._warn_once(
+                task.name,
+                "result of task %r (%s) cannot be pickled (%s); it is not "
+                "checkpointed and will be recomputed on a re-run",
+                task.name,
+                task.uid,
+                exc,
+            )
+            return
         self._conn.execute(
             "INSERT OR REPLACE INTO asyncflow_results VALUES (?, ?, ?, ?, ?)",
             (key, task.name, str(task.kind), time.time(), blob),

@@ -13,7 +13,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from asyncflow import (
     NoopExecutionBackend,
     WorkflowEngine,
 )
+
+from ..processes import alive
 
 LIVENESS = 20.0
 
@@ -56,25 +58,6 @@ async def make_flow() -> AsyncIterator[Callable[..., Any]]:
 @pytest.fixture(params=list(BACKENDS))
 async def flow(request: pytest.FixtureRequest, make_flow) -> WorkflowEngine:
     return await make_flow(request.param)
-
-
-def alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-@pytest.fixture
-def reaper() -> Iterator[list[psutil.Process]]:
-    procs: list[psutil.Process] = []
-    yield procs
-    for proc in procs:
-        if alive(proc):
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:

@@ -35,18 +35,12 @@ from asyncflow import (
     WorkflowEngine,
 )
 
+from ..processes import alive
+
 #: Generous liveness bound for anything that must merely "finish".
 LIVENESS = 20.0
 
 # -- helpers -------------------------------------------------------------------
-
-
-def alive(proc: psutil.Process) -> bool:
-    """True while ``proc`` (the very process, not a reused PID) still runs."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def wait_until(
@@ -114,19 +108,6 @@ def write_pid(directory: Path, name: str) -> str:
     """Shell snippet writing the shell's PID atomically to ``directory/name.pid``."""
     tmp = directory / f"{name}.tmp"
     return f"echo $$ > {tmp} && mv {tmp} {directory / name}.pid"
-
-
-@pytest.fixture
-def reaper() -> Iterator[list[psutil.Process]]:
-    """Processes to kill at teardown if they are still alive (test failed)."""
-    procs: list[psutil.Process] = []
-    yield procs
-    for proc in procs:
-        if alive(proc):
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 @pytest.fixture

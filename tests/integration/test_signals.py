@@ -32,6 +32,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ..processes import alive, kill_alive
+
 #: Generous liveness bound: a healthy run needs a fraction of a second.
 LIVENESS = 30.0
 
@@ -153,13 +155,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def wait_until(predicate: Callable[[], bool], what: str, bound: float) -> None:
     deadline = time.monotonic() + bound
     while not predicate():
@@ -241,12 +236,7 @@ class Program:
             self.proc.communicate(timeout=LIVENESS)
         except (subprocess.TimeoutExpired, ValueError):
             pass
-        for proc in self.commands:
-            if alive(proc):
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
+        kill_alive(self.commands)
 
 
 @pytest.fixture
