@@ -17,15 +17,44 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["PAUSE", "Probe", "current_rss_mb", "main", "peak_rss_mb"]
+__all__ = [
+    "PAUSE",
+    "Probe",
+    "current_rss_mb",
+    "main",
+    "map_reduce_result",
+    "peak_rss_mb",
+    "tree_reduce",
+]
+
+T = TypeVar("T")
 
 #: Seconds each I/O-bound task (W5) awaits.
 PAUSE = 0.05
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_reduce(leaves: Sequence[T], combine: Callable[[T, T], T]) -> T:
+    """W6's reduction graph, the same on every system: pair neighbours level
+    by level (an odd one out moves up unchanged) down to a single root."""
+    level = list(leaves)
+    while len(level) > 1:
+        paired = [combine(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    return level[0]
+
+
+def map_reduce_result(total: int, size: int, probe: Probe) -> dict[str, Any]:
+    """Check W6's sum of squares and report its ``2 * size - 1`` tasks."""
+    if total != sum(i * i for i in range(size)):
+        raise AssertionError(f"map-reduce returned {total}")
+    return probe.result(tasks=2 * size - 1)
 
 
 def current_rss_mb() -> float:

@@ -14,7 +14,7 @@ from typing import Any
 
 from asyncflow import AsyncioExecutionBackend, LocalExecutionBackend, WorkflowEngine
 
-from ._common import PAUSE, Probe, main
+from ._common import PAUSE, Probe, main, map_reduce_result, tree_reduce
 
 SYSTEM = "asyncflow"
 THREADS = 4
@@ -162,18 +162,11 @@ async def map_reduce(size: int, variant: str) -> dict[str, Any]:
             return a + b
 
     probe.start()
-    level = [square(i) for i in range(size)]
-    while len(level) > 1:
-        paired = [add(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            paired.append(level[-1])
-        level = paired
-    total = await level[0]
+    root = tree_reduce([square(i) for i in range(size)], lambda a, b: add(a, b))
+    total = await root
     probe.stop()
     await flow.shutdown()
-    if total != sum(i * i for i in range(size)):
-        raise AssertionError(f"map-reduce returned {total}")
-    return probe.result(tasks=2 * size - 1)
+    return map_reduce_result(total, size, probe)
 
 
 WORKLOADS = {

@@ -20,7 +20,7 @@ from typing import Any
 
 from dask.distributed import Client, LocalCluster
 
-from ._common import Probe, main
+from ._common import Probe, main, map_reduce_result, tree_reduce
 
 SYSTEM = "dask"
 THREADS = 4
@@ -109,20 +109,13 @@ def map_reduce(size: int, variant: str) -> dict[str, Any]:
     probe = Probe()
     with _client() as client:
         probe.start()
-        level = [client.submit(square, i, pure=False) for i in range(size)]
-        while len(level) > 1:
-            paired = [
-                client.submit(add, level[i], level[i + 1], pure=False)
-                for i in range(0, len(level) - 1, 2)
-            ]
-            if len(level) % 2:
-                paired.append(level[-1])
-            level = paired
-        total = level[0].result()
+        root = tree_reduce(
+            [client.submit(square, i, pure=False) for i in range(size)],
+            lambda a, b: client.submit(add, a, b, pure=False),
+        )
+        total = root.result()
         probe.stop()
-    if total != sum(i * i for i in range(size)):
-        raise AssertionError(f"map-reduce returned {total}")
-    return probe.result(tasks=2 * size - 1)
+    return map_reduce_result(total, size, probe)
 
 
 WORKLOADS = {"W1": wide, "W2": chain, "W3": execs, "W6": map_reduce}

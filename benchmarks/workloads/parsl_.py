@@ -30,7 +30,7 @@ from parsl import bash_app, python_app
 from parsl.config import Config
 from parsl.executors import ThreadPoolExecutor
 
-from ._common import PAUSE, Probe, main
+from ._common import PAUSE, Probe, main, map_reduce_result, tree_reduce
 
 SYSTEM = "parsl"
 THREADS = 4
@@ -159,17 +159,10 @@ def map_reduce(size: int, variant: str) -> dict[str, Any]:
     probe = Probe()
     with _loaded():
         probe.start()
-        level = [square(i) for i in range(size)]
-        while len(level) > 1:
-            paired = [add(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-            if len(level) % 2:
-                paired.append(level[-1])
-            level = paired
-        total = level[0].result()
+        root = tree_reduce([square(i) for i in range(size)], lambda a, b: add(a, b))
+        total = root.result()
         probe.stop()
-    if total != sum(i * i for i in range(size)):
-        raise AssertionError(f"map-reduce returned {total}")
-    return probe.result(tasks=2 * size - 1)
+    return map_reduce_result(total, size, probe)
 
 
 WORKLOADS = {

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._common import PAUSE, Probe, main
+from ._common import PAUSE, Probe, main, map_reduce_result, tree_reduce
 
 SYSTEM = "raw"
 THREADS = 4
@@ -149,22 +149,13 @@ async def map_reduce(size: int, variant: str) -> dict[str, Any]:
 
     with ThreadPoolExecutor(THREADS) as pool:
         probe.start()
-        level: list[Awaitable[int]] = [
-            loop.run_in_executor(pool, square, i) for i in range(size)
-        ]
-        while len(level) > 1:
-            paired: list[Awaitable[int]] = [
-                loop.create_task(reduce(level[i], level[i + 1]))
-                for i in range(0, len(level) - 1, 2)
-            ]
-            if len(level) % 2:
-                paired.append(level[-1])
-            level = paired
-        total = await level[0]
+        root = tree_reduce(
+            [loop.run_in_executor(pool, square, i) for i in range(size)],
+            lambda a, b: loop.create_task(reduce(a, b)),
+        )
+        total = await root
         probe.stop()
-    if total != sum(i * i for i in range(size)):
-        raise AssertionError(f"map-reduce returned {total}")
-    return probe.result(tasks=2 * size - 1)
+    return map_reduce_result(total, size, probe)
 
 
 WORKLOADS = {

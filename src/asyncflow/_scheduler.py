@@ -535,40 +535,45 @@ class Scheduler:
     # -- completion and propagation --------------------------------------------
 
     def _finish(self, task: TaskFuture, state: TaskState, value: Any) -> None:
-        """Settle a task and propagate to its dependents, iteratively."""
-        stack: list[tuple[TaskFuture, TaskState, Any]] = []
+        """Settle a task and release (DONE) or settle (otherwise) its dependents."""
+        if task.state in _TERMINAL:
+            return
         debug = log.isEnabledFor(logging.DEBUG)
-        while True:
-            if task.state not in _TERMINAL:
-                self._settle(task, state, value, debug)
-                dependents = task._dependents
-                if dependents is not None:
-                    task._dependents = None
-                    if state is DONE:
-                        for dep in dependents:
-                            if dep.state is PENDING:
-                                dep._waiting -= 1
-                                if dep._waiting == 0:
-                                    # Every caller that can settle a task DONE
-                                    # flushes the ready list right after.
-                                    self._ready.append(dep)
-                    elif state is FAILED:
-                        # Its error lives on in the dependents' errors: asyncio
-                        # reports an unretrieved one at the end of the chain.
-                        task._log_traceback = False
-                        for dep in dependents:
-                            if dep.state is PENDING:
-                                stack.append(
-                                    (dep, FAILED, self._dependency_error(dep, task))
-                                )
-                    else:
-                        message = self._cancel_message(task)
-                        for dep in dependents:
-                            if dep.state is PENDING:
-                                stack.append((dep, CANCELLED, message))
-            if not stack:
-                return
-            task, state, value = stack.pop()
+        self._settle(task, state, value, debug)
+        dependents = task._dependents
+        if dependents is None:
+            return
+        task._dependents = None
+        if state is DONE:
+            for dep in dependents:
+                if dep.state is PENDING:
+                    dep._waiting -= 1
+                    if dep._waiting == 0:
+                        # Every caller that can settle a task DONE flushes
+                        # the ready list right after.
+                        self._ready.append(dep)
+            return
+        # A failure or cancellation travels down the graph: iteratively, since
+        # a chain may be far longer than the recursion limit.
+        upstream = [(task, dependents)]
+        while upstream:
+            task, dependents = upstream.pop()
+            if task.state is FAILED:
+                # Its error lives on in the dependents' errors: asyncio
+                # reports an unretrieved one at the end of the chain.
+                task._log_traceback = False
+            else:
+                message = self._cancel_message(task)
+            for dep in dependents:
+                if dep.state is not PENDING:
+                    continue
+                if task.state is FAILED:
+                    self._settle(dep, FAILED, self._dependency_error(dep, task), debug)
+                else:
+                    self._settle(dep, CANCELLED, message, debug)
+                if dep._dependents is not None:
+                    upstream.append((dep, dep._dependents))
+                    dep._dependents = None
 
     def _settle(
         self, task: TaskFuture, state: TaskState, value: Any, debug: bool

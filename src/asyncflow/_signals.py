@@ -130,11 +130,32 @@ def _exit_as_signalled(sig: int, previous: Any) -> None:
         raise SystemExit(128 + sig)
 
 
-def _forget_handlers_in_child() -> None:
+# The signal mask of the forking thread while a fork is in progress, if we
+# blocked SIGINT/SIGTERM for it.
+_mask_before_fork: set[int | signal.Signals] | None = None
+
+
+def _block_signals_for_fork() -> None:
     # A forked child (a process-pool worker) inherits the parent loop's
-    # signal wakeup fd: a signal sent to the child would be written to the
-    # parent's socket and read there as the parent's own. The child has no
-    # running loop yet, so it gets the default dispositions back.
+    # signal wakeup fd: a signal reaching the child before it resets its
+    # handlers would be written to the parent's socket and read there as the
+    # parent's own. Keep the signals pending across the fork instead.
+    global _mask_before_fork
+    if any(hub.previous for hub in _hubs.values()):
+        _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
+def _unblock_signals_in_parent() -> None:
+    global _mask_before_fork
+    if _mask_before_fork is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
+        _mask_before_fork = None
+
+
+def _forget_handlers_in_child() -> None:
+    # The child has no running loop yet: it gets the default dispositions
+    # back, then whatever arrived during the fork is delivered to it.
+    global _mask_before_fork
     _hubs.clear()
     try:
         signal.set_wakeup_fd(-1)
@@ -147,9 +168,16 @@ def _forget_handlers_in_child() -> None:
                 signal.signal(sig, default)
     except ValueError:  # forked from a thread other than the main one
         pass
+    if _mask_before_fork is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
+        _mask_before_fork = None
 
 
-os.register_at_fork(after_in_child=_forget_handlers_in_child)
+os.register_at_fork(
+    before=_block_signals_for_fork,
+    after_in_parent=_unblock_signals_in_parent,
+    after_in_child=_forget_handlers_in_child,
+)
 
 
 def register(engine: WorkflowEngine, loop: asyncio.AbstractEventLoop) -> bool:

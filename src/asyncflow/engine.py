@@ -437,9 +437,7 @@ class TaskDecorator:
             raise TypeError("capture_stdio=True applies to @flow.executable_task only")
 
         def decorate(function: Callable[..., Any]) -> Task:
-            task = self._make(function, target, options)
-            task.definition.capture_stdio = capture_stdio
-            return task
+            return self._make(function, target, options, capture_stdio)
 
         if func is _BARE:
             return decorate
@@ -450,6 +448,7 @@ class TaskDecorator:
         function: Callable[..., Any],
         backend: ExecutionBackend | None,
         options: TaskOptions,
+        capture_stdio: bool,
     ) -> Task:
         kind = self._kind
         if not callable(function):
@@ -465,7 +464,9 @@ class TaskDecorator:
             )
         name = getattr(function, "__name__", repr(function))
         description = _default_description(function, name)
-        definition = TaskDefinition(function, kind, description, backend, options)
+        definition = TaskDefinition(
+            function, kind, description, backend, options, capture_stdio
+        )
         return _task_caller(self._engine, definition)
 
 

@@ -141,6 +141,7 @@ class TaskDefinition:
         description: Mapping[str, Any],
         backend: ExecutionBackend | None,
         options: TaskOptions = DEFAULT_OPTIONS,
+        capture_stdio: bool = False,
     ) -> None:
         self.function = function
         self.kind = kind
@@ -154,14 +155,18 @@ class TaskDefinition:
             None if options.retries == 0 and options.timeout is None else options
         )
         self._code_hash: str | None = None
-        self.capture_stdio = False
+        self.capture_stdio = capture_stdio
 
     def with_options(self, options: TaskOptions) -> TaskDefinition:
         derived = TaskDefinition(
-            self.function, self.kind, self.description, self.backend, options
+            self.function,
+            self.kind,
+            self.description,
+            self.backend,
+            options,
+            self.capture_stdio,
         )
         derived._code_hash = self._code_hash
-        derived.capture_stdio = self.capture_stdio
         return derived
 
 

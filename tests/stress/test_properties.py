@@ -27,6 +27,7 @@ from asyncflow import (
     DependencyFailureError,
     LocalExecutionBackend,
     NoopExecutionBackend,
+    Task,
     TaskFuture,
     WorkflowEngine,
 )
@@ -100,6 +101,19 @@ def reference(nodes: list[Node], bodies_run: bool) -> list[Expected]:
     return out
 
 
+async def build_and_run(nodes: list[Node], node: Task) -> list[TaskFuture]:
+    """Call ``node`` once per DAG node, cancel the chosen ones, wait for all."""
+    futs: list[TaskFuture] = []
+    for i, spec in enumerate(nodes):
+        call = node.options(retries=spec.retries) if spec.retries else node
+        futs.append(call(i, *(futs[d] for d in spec.deps)))
+    for i, spec in enumerate(nodes):
+        if spec.cancel:
+            futs[i].cancel()
+    await asyncio.wait(futs)
+    return futs
+
+
 async def run_threads(nodes: list[Node]) -> tuple[list[TaskFuture], Counter[int]]:
     runs: Counter[int] = Counter()
     lock = threading.Lock()
@@ -116,15 +130,7 @@ async def run_threads(nodes: list[Node]) -> tuple[list[TaskFuture], Counter[int]
                 raise Boom(i)
             return i + sum(values)
 
-        futs: list[TaskFuture] = []
-        for i, spec in enumerate(nodes):
-            call = node.options(retries=spec.retries) if spec.retries else node
-            futs.append(call(i, *(futs[d] for d in spec.deps)))
-        for i, spec in enumerate(nodes):
-            if spec.cancel:
-                futs[i].cancel()
-        await asyncio.wait(futs)
-    return futs, runs
+        return await build_and_run(nodes, node), runs
 
 
 async def run_dry(nodes: list[Node]) -> tuple[list[TaskFuture], Counter[int]]:
@@ -137,15 +143,7 @@ async def run_dry(nodes: list[Node]) -> tuple[list[TaskFuture], Counter[int]]:
             # An empty command fails the task even in a dry run.
             return "" if nodes[i].fails else f"echo {i}"
 
-        futs: list[TaskFuture] = []
-        for i, spec in enumerate(nodes):
-            call = node.options(retries=spec.retries) if spec.retries else node
-            futs.append(call(i, *(futs[d] for d in spec.deps)))
-        for i, spec in enumerate(nodes):
-            if spec.cancel:
-                futs[i].cancel()
-        await asyncio.wait(futs)
-    return futs, runs
+        return await build_and_run(nodes, node), runs
 
 
 def check(
