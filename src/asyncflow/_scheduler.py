@@ -47,6 +47,8 @@ _NO_KWARGS: dict[str, Any] = {}
 
 #: Marks a task whose executable/prompt body is still being evaluated.
 _PREPARING = object()
+#: The ``ok`` of a thread-safe report that an attempt has started.
+_STARTED: Any = object()
 
 
 def _scan(value: Any, found: list[TaskFuture]) -> None:
@@ -351,14 +353,27 @@ class Scheduler:
         self._flush_if_ready()
 
     def _accept_command(self, task: TaskFuture, command: Any) -> bool:
-        if not isinstance(command, str) or not command.strip():
-            what = "command" if task._definition.kind is EXECUTABLE else "prompt"
+        kind = task._definition.kind
+        if isinstance(command, str):
+            ok = bool(command.strip())
+        elif kind is EXECUTABLE and type(command) in (list, tuple):
+            # An argument list runs without a shell: nothing to quote.
+            ok = bool(command) and all(type(a) is str for a in command)
+            command = list(command)
+        else:
+            ok = False
+        if not ok:
+            what = (
+                "command string or argument list (of str)"
+                if kind is EXECUTABLE
+                else "prompt string"
+            )
             self._finish(
                 task,
                 FAILED,
                 ValueError(
-                    f"{task._definition.kind} task {task.name!r} ({task.uid}) must "
-                    f"return a non-empty {what} string, got {command!r}"
+                    f"{kind} task {task.name!r} ({task.uid}) must "
+                    f"return a non-empty {what}, got {command!r}"
                 ),
             )
             return False
@@ -492,6 +507,14 @@ class Scheduler:
 
     # -- TaskReporter ---------------------------------------------------------
 
+    def started(self, task: TaskFuture, attempt: int) -> None:
+        if task.state is RUNNING and task.attempts == attempt:
+            if task._definition.reliability is not None and task._timer is None:
+                self._arm_timeout(task)
+
+    def started_threadsafe(self, task: TaskFuture, attempt: int) -> None:
+        self.report_threadsafe(task, _STARTED, attempt)
+
     def succeeded(self, task: TaskFuture, result: object) -> None:
         if not self.closing:
             self._finish(task, DONE, result)
@@ -522,8 +545,10 @@ class Scheduler:
         finish = self._finish
         while inbox:
             task, ok, value = inbox.popleft()
-            if ok:
+            if ok is True:
                 finish(task, DONE, value)
+            elif ok is _STARTED:
+                self.started(task, value)
             else:
                 if isinstance(value, asyncio.CancelledError):
                     value = RuntimeError(

@@ -69,6 +69,9 @@ class WorkflowEngine:
             )
         self.loop = loop
         self.uid = uid or f"asyncflow.session.{uuid.uuid4().hex[:8]}"
+        #: Unique to this engine object, even when ``uid`` is fixed: names
+        #: what one run writes (captured output of uncached calls).
+        self.run_id = uuid.uuid4().hex[:12]
         self.work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
         self.dry_run = dry_run
         self.shutdown_timeout = shutdown_timeout
@@ -283,6 +286,17 @@ class WorkflowEngine:
             "engine %s shut down (%d unfinished task(s) cancelled)", self.uid, cancelled
         )
 
+    def _kill_running(self) -> None:
+        """Kill all running work at once (a second Ctrl-C during shutdown)."""
+        self._begin_shutdown()
+        for backend in self._backends.values():
+            try:
+                backend.kill()
+            except Exception:
+                log.warning(
+                    "backend %r failed to kill its work", backend.name, exc_info=True
+                )
+
     async def _shutdown_backends(self, timeout: float) -> None:
         jobs = {self.loop.create_task(b.shutdown()): b for b in self._backends.values()}
         done, pending = await asyncio.wait(jobs, timeout=timeout)
@@ -368,6 +382,8 @@ class Task(Protocol):
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = ...,
         timeout: float | None = ...,
         cache: bool = ...,
+        cache_key: Callable[..., Any] | None = ...,
+        version: str | None = ...,
     ) -> Task:
         """The same task with other reliability settings, for the calls made
         through what this returns: ``fetch.options(timeout=5)(url)``."""
@@ -382,7 +398,9 @@ class TaskDecorator:
     ``retry_backoff`` each time) when its exception is one of ``retry_on``.
     ``timeout`` stops an attempt that runs longer and fails it with
     :class:`~asyncflow.TaskTimeoutError`. ``cache=False`` keeps the task's
-    results out of the engine's checkpoint. ``capture_stdio=True``
+    results out of the engine's checkpoint; ``cache_key=`` (a callable over
+    the task's arguments) and ``version=`` (a string) replace the arguments
+    and the code in its cache key (docs/reliability.md). ``capture_stdio=True``
     (executable tasks) writes the command's stdout and stderr to
     ``work_dir/<engine uid>/<task uid>.out`` and ``.err`` and makes the
     stdout file's path the result.
@@ -408,6 +426,8 @@ class TaskDecorator:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | None = None,
         cache: bool = True,
+        cache_key: Callable[..., Any] | None = None,
+        version: str | None = None,
         capture_stdio: bool = False,
     ) -> Callable[[Callable[..., Any]], Task]: ...
     def __call__(
@@ -422,6 +442,8 @@ class TaskDecorator:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | None = None,
         cache: bool = True,
+        cache_key: Callable[..., Any] | None = None,
+        version: str | None = None,
         capture_stdio: bool = False,
     ) -> Task | Callable[[Callable[..., Any]], Task]:
         if backend is not None and self._kind is TaskKind.BLOCK:
@@ -431,7 +453,14 @@ class TaskDecorator:
             )
         target = self._engine._backend_named(backend, self._kind)
         options = TaskOptions(
-            retries, retry_delay, retry_backoff, retry_on, timeout, cache
+            retries,
+            retry_delay,
+            retry_backoff,
+            retry_on,
+            timeout,
+            cache,
+            cache_key,
+            version,
         )
         if capture_stdio and self._kind is not TaskKind.EXECUTABLE:
             raise TypeError("capture_stdio=True applies to @flow.executable_task only")

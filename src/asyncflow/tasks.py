@@ -64,11 +64,13 @@ class TaskOptions:
 
     __slots__ = (
         "cache",
+        "cache_key",
         "retries",
         "retry_backoff",
         "retry_delay",
         "retry_on",
         "timeout",
+        "version",
     )
 
     def __init__(
@@ -79,6 +81,8 @@ class TaskOptions:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | None = None,
         cache: bool = True,
+        cache_key: Callable[..., Any] | None = None,
+        version: str | None = None,
     ) -> None:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
@@ -102,8 +106,20 @@ class TaskOptions:
         self.retry_delay = float(retry_delay)
         self.retry_backoff = float(retry_backoff)
         self.retry_on: tuple[type[BaseException], ...] = kinds
+        if cache_key is not None and not callable(cache_key):
+            raise TypeError(
+                "cache_key must be a callable taking the task's arguments, got "
+                f"{type(cache_key).__name__}"
+            )
+        if version is not None and not isinstance(version, str):
+            raise TypeError(f"version must be a str, got {type(version).__name__}")
         self.timeout = timeout
         self.cache = bool(cache)
+        #: Called with the task's resolved arguments; its return value stands
+        #: for the arguments in the cache key.
+        self.cache_key = cache_key
+        #: Stands for the body's code (and what it reads) in the cache key.
+        self.version = version
 
     def replace(self, **changes: Any) -> TaskOptions:
         current = {name: getattr(self, name) for name in self.__slots__}

@@ -41,6 +41,12 @@ class TaskReporter(Protocol):
     ``task.attempts`` with its value when the attempt was submitted.
     """
 
+    def started(self, task: TaskFuture, attempt: int) -> None:
+        """The attempt's work begins now (loop thread); its timeout starts."""
+
+    def started_threadsafe(self, task: TaskFuture, attempt: int) -> None:
+        """:meth:`started`, callable from any thread."""
+
     def succeeded(self, task: TaskFuture, result: object) -> None: ...
 
     def failed(self, task: TaskFuture, error: BaseException) -> None: ...
@@ -57,6 +63,11 @@ class ExecutionBackend(abc.ABC):
     tasks and :meth:`cancel` for running tasks the user cancels, and finally
     :meth:`shutdown`, which must stop running work and release resources.
     """
+
+    #: True when the backend calls ``reporter.started`` as each attempt's
+    #: work really begins (after any queueing of its own); a task's timeout
+    #: then counts running time only. Otherwise it starts at submission.
+    reports_start: bool = False
 
     #: Task kinds this backend can run; others fail with NotImplementedError.
     kinds: frozenset[TaskKind] = frozenset(
@@ -93,6 +104,13 @@ class ExecutionBackend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, task: TaskFuture) -> None:
         """Stop a running task's work as far as possible (best effort)."""
+
+    def kill(self) -> None:
+        """Stop all running work at once, without grace (a second Ctrl-C).
+
+        Called on the loop thread while :meth:`shutdown` may be under way;
+        processes are killed with SIGKILL. The default does nothing.
+        """
 
     @abc.abstractmethod
     async def shutdown(self) -> None:
