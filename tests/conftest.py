@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -28,6 +29,24 @@ BACKENDS: dict[str, Callable[[], ExecutionBackend]] = {
 RUNNING_BACKENDS = ["threads", "processes", "asyncio"]
 #: Backends whose bodies share this process's memory (events, closures).
 IN_PROCESS_BACKENDS = ["threads", "asyncio"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("asyncflow-key")
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_key_file(
+    checkpoint_key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Checkpoint keys live in a scratch directory, never in the real home.
+
+    Child processes the tests start inherit the variable.
+    """
+    path = checkpoint_key_dir / "checkpoint.key"
+    monkeypatch.setenv("ASYNCFLOW_KEY_FILE", str(path))
+    return path
 
 
 @pytest.fixture
