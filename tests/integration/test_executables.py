@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import re
+import stat
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +32,7 @@ from asyncflow import (
     ExecutionBackend,
     LocalExecutionBackend,
     NoopExecutionBackend,
+    TaskTimeoutError,
     WorkflowEngine,
 )
 
@@ -342,7 +347,7 @@ async def test_killed_by_a_signal_reports_negative_exit_code(
     assert "doomed" in str(error)
 
 
-BAD_COMMANDS = [42, None, b"echo hi", ["echo", "hi"], "", "   ", "\n\t"]
+BAD_COMMANDS = [42, None, b"echo hi", [], ["echo", 1], [b"echo"], "", "   ", "\n\t"]
 
 
 @pytest.mark.parametrize("bad", BAD_COMMANDS, ids=repr)
@@ -487,6 +492,326 @@ async def test_concurrency_is_bounded_by_the_worker_count(
     counts = [int(r) for r in results]
     assert max(counts) == workers, counts
     assert all(c <= workers for c in counts), counts
+
+
+# -- argument lists -----------------------------------------------------------------
+
+#: Writes its arguments (after the output path) as JSON, prints their count.
+RECORD_ARGS = (
+    "import json, pathlib, sys; "
+    "pathlib.Path(sys.argv[1]).write_text(json.dumps(sys.argv[2:])); "
+    "print(len(sys.argv) - 2)"
+)
+#: Words a shell would expand, split, substitute or run.
+HOSTILE_WORDS = [
+    "two words",
+    "$HOME",
+    "; touch injected",
+    "`touch substituted`",
+    "$(touch substituted)",
+    "*",
+    "'single'",
+    'dou"ble',
+    "back\\slash",
+    "line\nbreak",
+    "",
+]
+
+
+@pytest.mark.parametrize("shell", ["unset", True, False])
+async def test_argument_list_is_run_without_any_shell(
+    flow: WorkflowEngine, tmp_path: Path, shell: Any
+) -> None:
+    record = tmp_path / "args.json"
+
+    @flow.executable_task
+    async def build(*words: str) -> list[str]:
+        return [sys.executable, "-c", RECORD_ARGS, str(record), *words]
+
+    description: dict[str, Any] = {"cwd": str(tmp_path)}
+    if shell != "unset":
+        description["shell"] = shell
+    result = await build(*HOSTILE_WORDS, task_description=description)
+    assert result == f"{len(HOSTILE_WORDS)}\n"
+    # Every word arrived as it was, and nothing in them was run.
+    assert json.loads(record.read_text()) == HOSTILE_WORDS
+    assert sorted(os.listdir(tmp_path)) == ["args.json"]
+
+
+async def test_argument_list_from_a_tuple_and_its_failure(flow: WorkflowEngine) -> None:
+    @flow.executable_task
+    async def fail(code: int) -> tuple[str, ...]:
+        return (sys.executable, "-c", f"import sys; print('out'); sys.exit({code})")
+
+    error = await failure_of(fail(4))
+    assert isinstance(error, ExecutableError)
+    assert error.exit_code == 4
+    assert error.stdout == "out\n"
+    assert error.command == [
+        sys.executable,
+        "-c",
+        "import sys; print('out'); sys.exit(4)",
+    ]
+
+
+@pytest.mark.parametrize("form", ["list", "shell_false"])
+async def test_argv_program_that_does_not_exist_exits_127(
+    flow: WorkflowEngine, form: str
+) -> None:
+    @flow.executable_task
+    async def missing() -> Any:
+        if form == "list":
+            return ["af-no-such-program-xyz", "--flag"]
+        return "af-no-such-program-xyz --flag"
+
+    error = await failure_of(missing(task_description={"shell": form == "list"}))
+    assert isinstance(error, ExecutableError)
+    assert error.exit_code == 127
+    assert "af-no-such-program-xyz: not found" in error.stderr
+    assert error.stdout == ""
+    assert "af-no-such-program-xyz" in str(error)
+
+
+@pytest.mark.parametrize("target", ["plain_file", "directory"])
+@pytest.mark.parametrize("form", ["list", "shell_false"])
+async def test_argv_program_that_cannot_be_executed_exits_126(
+    flow: WorkflowEngine, tmp_path: Path, form: str, target: str
+) -> None:
+    program = tmp_path / "data.txt"
+    if target == "plain_file":
+        program.write_text("not a program\n")
+        program.chmod(0o644)
+    else:
+        program.mkdir()
+
+    @flow.executable_task
+    async def run() -> Any:
+        return [str(program)] if form == "list" else str(program)
+
+    error = await failure_of(run(task_description={"shell": False}))
+    assert isinstance(error, ExecutableError)
+    assert error.exit_code == 126
+    assert f"{program}: Permission denied" in error.stderr
+
+
+async def test_argv_script_without_shebang_runs_with_sh(
+    flow: WorkflowEngine, tmp_path: Path
+) -> None:
+    script = tmp_path / "legacy"
+    script.write_text('printf "[%s]\\n" "$@"\n')
+    script.chmod(0o755)
+
+    @flow.executable_task
+    async def run() -> list[str]:
+        return [str(script), "two words", "$HOME"]
+
+    assert await run() == "[two words]\n[$HOME]\n"
+
+
+# -- a command started without the shell ends as it would with it ------------------
+
+
+async def test_plain_command_naming_a_script_without_shebang_runs(
+    flow: WorkflowEngine, tmp_path: Path
+) -> None:
+    script = tmp_path / "legacy-tool"
+    script.write_text('echo "legacy $1"\n')
+    script.chmod(0o755)
+
+    @flow.executable_task
+    async def run() -> str:
+        return f"{script} ok"
+
+    assert await run() == "legacy ok\n"
+
+
+async def test_program_missing_from_path_fails_as_in_the_shell(
+    flow: WorkflowEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "af-vanishing-tool"
+    tool.write_text("#!/bin/sh\necho present\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    @flow.executable_task
+    async def run(command: str) -> str:
+        return command
+
+    def in_the_shell(command: str) -> tuple[int, str]:
+        done = subprocess.run(
+            ["/bin/sh", "-c", command], capture_output=True, text=True
+        )
+        return done.returncode, done.stderr
+
+    assert await run("af-vanishing-tool --check") == "present\n"
+    # Removed after it was first seen (and remembered) on PATH.
+    tool.unlink()
+    for command in ("af-vanishing-tool --check", "af-never-there-tool --check"):
+        error = await failure_of(run(command))
+        assert isinstance(error, ExecutableError)
+        assert error.exit_code == 127
+        assert "not found" in error.stderr
+        assert (error.exit_code, error.stderr) == in_the_shell(command)
+
+
+# -- timeouts -----------------------------------------------------------------------
+
+
+async def test_timeout_does_not_count_time_waiting_for_a_slot(
+    make_flow, tmp_path: Path
+) -> None:
+    # NOTE: needs the backend to report starts (``reports_start = True``).
+    timeout = 1.0
+    flow = await make_flow("threads", 1)  # one command at a time
+    started, release = tmp_path / "started", tmp_path / "release"
+
+    @flow.executable_task
+    async def long_command() -> str:
+        return (
+            f"touch {started}; while [ ! -e {release} ]; do sleep 0.01; done; echo long"
+        )
+
+    @flow.executable_task(timeout=timeout)
+    async def queued() -> str:
+        return "echo queued"
+
+    first = long_command()
+    await wait_until(started.exists, "the long command to start")
+    second = queued()
+    # Let `queued` wait for the only slot well past its timeout.
+    await asyncio.sleep(3 * timeout)
+    assert second.state == "RUNNING", second
+    release.touch()
+    assert await first == "long\n"
+    assert await second == "queued\n"
+
+
+async def test_timeout_still_stops_a_command_that_runs_too_long(
+    make_flow, tmp_path: Path
+) -> None:
+    flow = await make_flow("threads", 1)
+
+    @flow.executable_task(timeout=0.5)
+    async def stuck() -> str:
+        return "sleep 60"
+
+    with pytest.raises(TaskTimeoutError):
+        await asyncio.wait_for(stuck(), LIVENESS)
+
+
+# -- captured output ----------------------------------------------------------------
+
+
+async def test_captured_output_belongs_to_its_own_call(tmp_path: Path) -> None:
+    work_dir, checkpoint = tmp_path / "work", tmp_path / "checkpoint.sqlite"
+
+    async def run(*words: str) -> list[tuple[Path, bool]]:
+        async with await WorkflowEngine.create(
+            uid="fixed", work_dir=work_dir, checkpoint=checkpoint
+        ) as flow:
+
+            @flow.executable_task(capture_stdio=True)
+            async def say(word: str) -> str:
+                return f"echo {word}; echo {word}-err >&2"
+
+            futs = [say(word) for word in words]
+            paths = await asyncio.gather(*futs)
+            return [(Path(p), f.restored) for p, f in zip(paths, futs, strict=True)]
+
+    [(first_a, _)] = await run("A")
+    assert first_a.read_text() == "A\n"
+    # A second run of the same workflow (same uid and checkpoint): `echo B`
+    # now runs first, and `echo A` is restored from the checkpoint.
+    (path_b, restored_b), (path_a, restored_a) = await run("B", "A")
+    assert (restored_b, restored_a) == (False, True)
+    assert path_a == first_a
+    assert path_b != path_a
+    assert path_b.read_text() == "B\n"
+    assert path_a.read_text() == "A\n"
+    assert path_b.with_suffix(".err").read_text() == "B-err\n"
+    assert path_a.with_suffix(".err").read_text() == "A-err\n"
+
+
+async def test_captured_output_of_uncached_runs_is_per_engine(tmp_path: Path) -> None:
+    paths = []
+    for word in ("first", "second"):
+        async with await WorkflowEngine.create(uid="fixed", work_dir=tmp_path) as flow:
+
+            @flow.executable_task(capture_stdio=True)
+            async def say(word: str) -> str:
+                return f"echo {word}"
+
+            paths.append(Path(await say(word)))
+    assert paths[0] != paths[1]
+    assert [p.read_text() for p in paths] == ["first\n", "second\n"]
+
+
+async def test_captured_output_is_private_to_the_user(
+    flow: WorkflowEngine, tmp_path: Path
+) -> None:
+    flow.work_dir = tmp_path
+
+    @flow.executable_task(capture_stdio=True)
+    async def say() -> str:
+        return "echo private"
+
+    path = Path(await say())
+    folder = path.parent
+    assert folder == tmp_path / flow.uid
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for output in (path, path.with_suffix(".err")):
+        assert stat.S_IMODE(output.lstat().st_mode) == 0o600
+    # Nothing else (no temporary file) is left behind.
+    assert sorted(folder.iterdir()) == sorted([path, path.with_suffix(".err")])
+
+
+async def test_captured_output_refuses_a_folder_of_another_user(
+    flow: WorkflowEngine, tmp_path: Path
+) -> None:
+    flow.work_dir = tmp_path
+    folder = tmp_path / flow.uid
+    if os.getuid() == 0:
+        folder.mkdir()
+        os.chown(folder, 65534, 65534)
+    else:
+        folder.symlink_to("/")  # a link to a folder owned by root
+
+    @flow.executable_task(capture_stdio=True)
+    async def say() -> str:
+        return "echo nope"
+
+    error = await failure_of(say())
+    assert isinstance(error, PermissionError)
+    assert "say" in str(error)
+    assert "another user" in str(error)
+    if os.getuid() == 0:
+        assert os.listdir(folder) == []
+
+
+async def test_planted_symlink_does_not_redirect_captured_output(
+    flow: WorkflowEngine, tmp_path: Path
+) -> None:
+    flow.work_dir = tmp_path
+    folder = tmp_path / flow.uid
+    folder.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+
+    @flow.executable_task(capture_stdio=True)
+    async def say() -> str:
+        return "echo ours; echo ours-err >&2"
+
+    fut = say()
+    # The output's name is known before the command starts: plant links there.
+    for suffix in (".out", ".err"):
+        (folder / f"{fut.uid}-{flow.run_id}{suffix}").symlink_to(victim)
+    path = Path(await fut)
+    assert victim.read_text() == "precious\n"
+    assert not path.is_symlink()
+    assert path.read_text() == "ours\n"
+    assert path.with_suffix(".err").read_text() == "ours-err\n"
 
 
 # -- dry run ------------------------------------------------------------------------

@@ -74,7 +74,7 @@ async def test_capture_stdio_writes_files_under_work_dir(
 
     fut = shout("hello")
     path = Path(await fut)
-    assert path == tmp_path / "campaign-1" / f"{fut.uid}.out"
+    assert path == tmp_path / "campaign-1" / f"{fut.uid}-{flow.run_id}.out"
     assert path.read_text() == "hello\n"
     assert path.with_suffix(".err").read_text() == "warn-hello\n"
 

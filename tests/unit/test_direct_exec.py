@@ -1,13 +1,16 @@
-"""Plain commands skip ``sh -c`` only where that cannot change their meaning."""
+"""Plain commands skip ``sh -c`` only where that cannot change their meaning,
+and a command started without the shell ends as it would have with it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from asyncflow.backends._subprocess import _direct_argv
+from asyncflow.backends._subprocess import _direct_argv, _NotStarted, _spawn
 
 
 @pytest.mark.parametrize(
@@ -58,3 +61,98 @@ def test_a_changed_path_goes_through_the_shell() -> None:
     env = dict(os.environ, PATH="/nowhere")
     assert _direct_argv("sleep 1", {"env": env}) is None
     assert _direct_argv("sleep 1", {"env": dict(os.environ)}) == ["sleep", "1"]
+
+
+# -- starting: a failed direct start ends as it would through the shell -------------
+
+PIPES: dict[str, Any] = {
+    "stdin": asyncio.subprocess.DEVNULL,
+    "stdout": asyncio.subprocess.PIPE,
+    "stderr": asyncio.subprocess.PIPE,
+}
+
+
+async def outcome(proc: asyncio.subprocess.Process) -> tuple[int | None, str, str]:
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_a_script_without_shebang_is_started_directly(tmp_path: Path) -> None:
+    # exec then fails with ENOEXEC: the start must fall back to the shell.
+    script = tmp_path / "legacy"
+    script.write_text("echo legacy\n")
+    script.chmod(0o755)
+    assert _direct_argv(str(script), {}) == [str(script)]
+
+
+async def test_a_script_without_shebang_runs_as_through_the_shell(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "legacy"
+    script.write_text('echo "legacy $1"\n')
+    script.chmod(0o755)
+    assert await outcome(await _spawn(f"{script} ok", False, PIPES)) == (
+        0,
+        "legacy ok\n",
+        "",
+    )
+
+
+async def test_a_program_gone_since_it_was_seen_is_reported_by_the_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = tmp_path / "af-unit-vanishing"
+    tool.write_text("#!/bin/sh\necho here\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert await outcome(await _spawn("af-unit-vanishing", False, PIPES)) == (
+        0,
+        "here\n",
+        "",
+    )
+    tool.unlink()
+    # What was learnt about PATH is stale now ...
+    assert _direct_argv("af-unit-vanishing", {}) == ["af-unit-vanishing"]
+    # ... and the outcome is still exactly the shell's.
+    code, out, err = await outcome(await _spawn("af-unit-vanishing", False, PIPES))
+    shell = await asyncio.create_subprocess_exec(
+        "/bin/sh", "-c", "af-unit-vanishing", **PIPES
+    )
+    assert (code, out, err) == await outcome(shell)
+    assert code == 127
+
+
+@pytest.mark.parametrize(
+    ("program", "status", "reason"),
+    [
+        ("af-unit-no-such-program", 127, "not found"),
+        ("{tmp}/no/such/program", 127, "not found"),
+        ("{tmp}/data.txt", 126, "Permission denied"),  # not executable
+        ("{tmp}", 126, "Permission denied"),  # a directory
+    ],
+)
+async def test_an_argv_program_that_cannot_start_gets_the_shells_status(
+    tmp_path: Path, program: str, status: int, reason: str
+) -> None:
+    (tmp_path / "data.txt").write_text("data\n")
+    program = program.format(tmp=tmp_path)
+    with pytest.raises(_NotStarted) as info:
+        await _spawn([program, "arg"], True, PIPES)
+    assert info.value.exit_code == status
+    assert info.value.stderr == f"{program}: {reason}\n"
+
+
+async def test_a_missing_cwd_is_not_blamed_on_the_program(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as info:
+        await _spawn(["true"], True, {**PIPES, "cwd": str(missing)})
+    assert info.value.filename == str(missing)
+
+
+async def test_an_argument_list_is_never_parsed(tmp_path: Path) -> None:
+    words = ["a b", "$HOME", "; echo injected", "*"]
+    code, out, _ = await outcome(
+        await _spawn(["printf", "[%s]\n", *words], True, PIPES)
+    )
+    assert code == 0
+    assert out == "".join(f"[{w}]\n" for w in words)
