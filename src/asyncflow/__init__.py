@@ -5,7 +5,7 @@ pass futures to other tasks to declare dependencies, and let independent work
 run in parallel on threads, processes, asyncio or a cluster.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from .backends import (
     DRY_RUN_RESULT,
@@ -28,8 +28,8 @@ from .errors import (
 from .tasks import TaskFuture, TaskKind, TaskOptions, TaskState
 
 try:
-    __version__ = version("asyncflow")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _metadata.version("asyncflow")
+except _metadata.PackageNotFoundError:  # pragma: no cover - a bare source tree
     __version__ = "0.0.0"
 
 __all__ = [
@@ -55,3 +55,8 @@ __all__ = [
     "WorkflowEngine",
     "__version__",
 ]
+
+
+def __dir__() -> list[str]:
+    # The implementation modules stay importable, but are not the API.
+    return sorted(__all__)

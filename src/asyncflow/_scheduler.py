@@ -10,8 +10,11 @@ hands the queued tasks to their backends in batches. Nothing polls.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
+import os
+from asyncio.events import _get_running_loop
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -93,6 +96,18 @@ def _resolve(value: Any) -> Any:
     return value
 
 
+#: Seconds (at least) a retry waits for a timed-out attempt to stop.
+STOP_WAIT = 5.0
+
+
+def _running(handle: Any) -> bool:
+    """Whether an attempt's handle (asyncio or concurrent future) is unfinished."""
+    return (
+        isinstance(handle, (asyncio.Future, concurrent.futures.Future))
+        and not handle.done()
+    )
+
+
 def _names(tasks: Iterable[TaskFuture]) -> list[str]:
     return [f"{t.name} ({t.uid})" for t in tasks]
 
@@ -117,6 +132,9 @@ class Scheduler:
         )
         self.live: set[TaskFuture] = set()
         self.store: CheckpointStore | None = None
+        #: Resolved when ``live`` becomes empty (``async with`` waits on it).
+        self.idle: asyncio.Future[None] | None = None
+        self._store_warned = False
         self.closing = False
         self._counter = 0
         self._ready: list[TaskFuture] = []
@@ -124,6 +142,11 @@ class Scheduler:
         self._flushing = False
         self._inbox: deque[tuple[TaskFuture, bool, Any]] = deque()
         self._drain_scheduled = False
+        # Command bodies being evaluated, and the tasks called after the
+        # earliest of them, which wait for it (bodies run in call order).
+        self._preparing: set[TaskFuture] = set()
+        self._hold_after: int | None = None
+        self._held: list[TaskFuture] = []
 
     # -- registration -------------------------------------------------------
 
@@ -131,6 +154,8 @@ class Scheduler:
         self, definition: TaskDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> TaskFuture:
         name = definition.name
+        if _get_running_loop() is not self._loop:
+            raise RuntimeError(self._wrong_loop(name))
         if self.closing:
             raise RuntimeError(
                 f"cannot call task {name!r}: workflow engine {self._engine.uid!r} "
@@ -162,6 +187,7 @@ class Scheduler:
 
         self._counter += 1
         task = TaskFuture(loop=self._loop)
+        task._seq = self._counter
         task.uid = (
             f"{'block' if definition.kind is BLOCK else 'task'}.{self._counter:06d}"
         )
@@ -225,6 +251,22 @@ class Scheduler:
             self._release(task)
         return task
 
+    def _wrong_loop(self, name: str) -> str:
+        where = (
+            "in another thread (a plain `def` task body runs in a worker thread)"
+            if _get_running_loop() is None
+            else "on another event loop (an `async def` body in a thread or "
+            "process pool runs on the worker's own loop)"
+        )
+        return (
+            f"cannot call task {name!r} {where}: tasks of workflow engine "
+            f"{self._engine.uid!r} are called on the engine's event loop. To "
+            "orchestrate tasks from inside a task, make it a @flow.block (an "
+            "`async def` that runs on the engine's loop); from another thread, "
+            "use asyncio.run_coroutine_threadsafe(...) with a coroutine that "
+            "calls the task"
+        )
+
     # -- release and dispatch -----------------------------------------------
 
     def _release(self, task: TaskFuture) -> None:
@@ -244,7 +286,7 @@ class Scheduler:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._flushing:
+        if self._flushing or self.closing:
             return
         self._flushing = True
         try:
@@ -264,6 +306,11 @@ class Scheduler:
         debug = log.isEnabledFor(logging.DEBUG)
         for task in batch:
             if task.state is not PENDING:  # cancelled while queued
+                continue
+            if self._hold_after is not None and task._seq > self._hold_after:
+                # Called after a command body that is still being evaluated:
+                # it starts only once that body is done (call order).
+                self._held.append(task)
                 continue
             if task._deps is not None:
                 task.args = tuple([_resolve(a) for a in task.args])
@@ -286,7 +333,7 @@ class Scheduler:
                 continue
             if self.store is not None and self._restore(task):
                 continue
-            if definition.reliability is not None:
+            if definition.reliability is not None and not backend.reports_start:
                 self._arm_timeout(task)
             group = groups.get(backend)
             if group is None:
@@ -330,8 +377,24 @@ class Scheduler:
         runner = self._loop.create_task(self._finish_preparing(task, body))
         # Cancelled before it started, the runner never awaits the body.
         runner.add_done_callback(lambda _: body.close())
+        runner.add_done_callback(lambda _: self._prepared(task))
         task._handle = runner
+        self._preparing.add(task)
+        if self._hold_after is None or task._seq < self._hold_after:
+            self._hold_after = task._seq
         return False
+
+    def _prepared(self, task: TaskFuture) -> None:
+        """A command body is done: release what was held behind it."""
+        self._preparing.discard(task)
+        if task._seq != self._hold_after:
+            return
+        self._hold_after = min((t._seq for t in self._preparing), default=None)
+        if self._held:
+            held, self._held = self._held, []
+            self._ready.extend(held)
+            if not self.closing:
+                self._flush_if_ready()
 
     async def _finish_preparing(self, task: TaskFuture, body: Any) -> None:
         self.block_var.set(task._block)
@@ -359,7 +422,8 @@ class Scheduler:
         elif kind is EXECUTABLE and type(command) in (list, tuple):
             # An argument list runs without a shell: nothing to quote.
             ok = bool(command) and all(type(a) is str for a in command)
-            command = list(command)
+            if ok:
+                command = list(command)
         else:
             ok = False
         if not ok:
@@ -422,12 +486,23 @@ class Scheduler:
         """Settle the task from the checkpoint if it ran before; else note its key."""
         store = self.store
         assert store is not None
-        if not task._definition.options.cache or self._engine.dry_run:
+        definition = task._definition
+        if not definition.options.cache or self._engine.dry_run:
             return False
-        key = store.key_for(task)
-        if key is None:
+        try:
+            key = store.key_for(task)
+            if key is None:
+                return False
+            found, value = store.lookup(key)
+        except Exception as exc:  # the store must never take the run down
+            self._store_failed(exc)
             return False
-        found, value = store.lookup(key)
+        if (
+            found
+            and definition.capture_stdio
+            and not (isinstance(value, str) and os.path.isfile(value))
+        ):
+            found = False  # its output file is gone: run it again
         if not found:
             task._key = key
             return False
@@ -436,6 +511,18 @@ class Scheduler:
             log.debug("%s %r restored from the checkpoint", task.uid, task.name)
         self._finish(task, DONE, value)
         return True
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if not self._store_warned:
+            self._store_warned = True
+            store = self.store
+            log.warning(
+                "checkpoint %s failed (%s: %s); the run goes on without it",
+                store.path if store is not None else "?",
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+            )
 
     def _arm_timeout(self, task: TaskFuture) -> None:
         options = task._definition.reliability
@@ -450,15 +537,23 @@ class Scheduler:
         if task.state is not RUNNING or task.attempts != attempt or options is None:
             return
         assert options.timeout is not None
+        attempt_handle = task._handle
         self.stop_work(task)
         self._cancel_members(task, f"block {task.name!r} ({task.uid}) timed out")
         self._attempt_failed(
-            task, TaskTimeoutError(task.name, options.timeout, attempt)
+            task, TaskTimeoutError(task.name, options.timeout, attempt), attempt_handle
         )
         self._flush_if_ready()
 
-    def _attempt_failed(self, task: TaskFuture, error: BaseException) -> None:
-        """Retry the task if its options allow, otherwise settle it FAILED."""
+    def _attempt_failed(
+        self, task: TaskFuture, error: BaseException, stopping: Any = None
+    ) -> None:
+        """Retry the task if its options allow, otherwise settle it FAILED.
+
+        ``stopping`` is the handle of an attempt that was asked to stop
+        (timed out): the retry waits until it has really stopped, so that two
+        attempts of one call never run at once.
+        """
         options = task._definition.reliability
         if (
             options is None
@@ -472,27 +567,86 @@ class Scheduler:
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None
-        delay = options.delay_before(task.attempts + 1)
+        # The next attempt's number is taken now: late reports of this one
+        # are stale from here on, and backends drop them.
+        task.attempts += 1
+        delay = options.delay_before(task.attempts)
         log.warning(
             "task %r (%s) attempt %d of %d failed (%s: %s); retrying in %.3gs",
             task.name,
             task.uid,
-            task.attempts,
+            task.attempts - 1,
             options.retries + 1,
             type(error).__name__,
             error,
             delay,
         )
-        if delay > 0:
+        if stopping is not None and _running(stopping):
+            self._retry_when_stopped(task, stopping, delay, error)
+        elif delay > 0:
             task._timer = self._loop.call_later(delay, self._retry, task)
         else:
             self._retry(task)
+
+    def _retry_when_stopped(
+        self, task: TaskFuture, handle: Any, delay: float, error: BaseException
+    ) -> None:
+        attempt = task.attempts - 1
+        options = task._definition.reliability
+        assert options is not None
+        # A blocking call in a thread cannot be interrupted: wait for it a
+        # while, then give up on the retry rather than run two at once.
+        bound = max(options.timeout or 0.0, STOP_WAIT)
+
+        def waiting() -> bool:
+            return (
+                task.state is RUNNING
+                and task.attempts == attempt + 1
+                and task._timer is give_up_timer
+            )
+
+        def stopped() -> None:
+            if waiting():
+                give_up_timer.cancel()
+                task._timer = self._loop.call_later(delay, self._retry, task)
+
+        def give_up() -> None:
+            if waiting():
+                task._timer = None
+                self._finish(
+                    task,
+                    FAILED,
+                    TaskTimeoutError(
+                        task.name,
+                        options.timeout or 0.0,
+                        attempt,
+                        f"not retried: attempt {attempt} was still running "
+                        f"{bound:g}s after it was told to stop (a blocking call "
+                        "in a thread cannot be interrupted), and two attempts "
+                        "of one call never run at once",
+                    ),
+                )
+                self._flush_if_ready()
+
+        give_up_timer = self._loop.call_later(bound, give_up)
+        task._timer = give_up_timer
+        if isinstance(handle, concurrent.futures.Future):
+            loop = self._loop
+
+            def from_thread(_: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(stopped)
+                except RuntimeError:  # the loop is closed
+                    pass
+
+            handle.add_done_callback(from_thread)
+        else:
+            handle.add_done_callback(lambda _: stopped())
 
     def _retry(self, task: TaskFuture) -> None:
         task._timer = None
         if task.state is not RUNNING or self.closing:
             return
-        task.attempts += 1
         if task._definition.kind is BLOCK:
             self._start_block(task)
         else:
@@ -500,25 +654,31 @@ class Scheduler:
 
     def _resubmit(self, task: TaskFuture) -> None:
         """Hand one task to its backend outside a batch (retries, late commands)."""
-        if task._definition.reliability is not None:
-            self._arm_timeout(task)
         backend = task._definition.backend or self.default_backend
+        if task._definition.reliability is not None and not backend.reports_start:
+            self._arm_timeout(task)
         self._submit(backend, [task], log.isEnabledFor(logging.DEBUG))
 
     # -- TaskReporter ---------------------------------------------------------
 
     def started(self, task: TaskFuture, attempt: int) -> None:
-        if task.state is RUNNING and task.attempts == attempt:
-            if task._definition.reliability is not None and task._timer is None:
-                self._arm_timeout(task)
+        if (
+            task.state is RUNNING
+            and task.attempts == attempt
+            and task._definition.reliability is not None
+        ):
+            if task._timer is not None:  # started again (its worker was lost)
+                task._timer.cancel()
+            self._arm_timeout(task)
 
     def started_threadsafe(self, task: TaskFuture, attempt: int) -> None:
         self.report_threadsafe(task, _STARTED, attempt)
 
     def succeeded(self, task: TaskFuture, result: object) -> None:
-        if not self.closing:
-            self._finish(task, DONE, result)
-            self._flush_if_ready()
+        # Also while shutting down: a finished result is kept (and goes to
+        # the checkpoint); nothing new is dispatched then.
+        self._finish(task, DONE, result)
+        self._flush_if_ready()
 
     def failed(self, task: TaskFuture, error: BaseException) -> None:
         if not self.closing:
@@ -539,9 +699,7 @@ class Scheduler:
         # either is drained below or schedules another drain.
         self._drain_scheduled = False
         inbox = self._inbox
-        if self.closing:
-            inbox.clear()
-            return
+        closing = self.closing
         finish = self._finish
         while inbox:
             task, ok, value = inbox.popleft()
@@ -549,6 +707,8 @@ class Scheduler:
                 finish(task, DONE, value)
             elif ok is _STARTED:
                 self.started(task, value)
+            elif closing:
+                continue  # work stopped by the shutdown: it ends CANCELLED
             else:
                 if isinstance(value, asyncio.CancelledError):
                     value = RuntimeError(
@@ -610,8 +770,12 @@ class Scheduler:
         if state is DONE:
             _set_result(task, value)
             if task._key is not None:
-                assert self.store is not None
-                self.store.store(task._key, task, value)
+                store = self.store
+                if store is not None:
+                    try:
+                        store.store(task._key, task, value)
+                    except Exception as exc:  # never let the store wedge the run
+                        self._store_failed(exc)
                 task._key = None
         elif state is FAILED:
             if not isinstance(value, Exception) or isinstance(value, StopIteration):
@@ -623,7 +787,10 @@ class Scheduler:
             _set_exception(task, value)
         else:
             _future_cancel(task, value)
-        self.live.discard(task)
+        live = self.live
+        live.discard(task)
+        if not live and self.idle is not None:
+            self.wake_idle()
         block = task._block
         if block is not None:
             task._block = None
@@ -692,14 +859,20 @@ class Scheduler:
             for member in list(members):
                 member.cancel(msg)
 
-    def cancel_all(self, msg: str) -> int:
-        """Settle every unfinished task as CANCELLED (work already stopped)."""
-        count = 0
-        for task in list(self.live):
-            if task.state not in _TERMINAL:
-                self._finish(task, CANCELLED, msg)
-                count += 1
-        return count
+    def cancel_all(self, msg: str) -> list[TaskFuture]:
+        """Settle every unfinished task as CANCELLED (work already stopped);
+        return them in call order."""
+        unfinished = sorted(
+            (t for t in self.live if t.state not in _TERMINAL), key=lambda t: t._seq
+        )
+        for task in unfinished:
+            self._finish(task, CANCELLED, msg)
+        return unfinished
+
+    def wake_idle(self) -> None:
+        idle = self.idle
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     def running(self) -> list[TaskFuture]:
         return [t for t in self.live if t.state is RUNNING]

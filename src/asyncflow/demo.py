@@ -24,9 +24,25 @@ async def run_demo(
 ) -> dict[str, object]:
     """Run the demo workflow, print what ran, and return its results."""
     started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="asyncflow-demo-"))
-    ran: list[TaskFuture] = []
+    with tempfile.TemporaryDirectory(prefix="asyncflow-demo-") as tmp:
+        result, ran = await _run(Path(tmp), simulations, samples)
+    wall = time.perf_counter() - started
+    print(f"asyncflow demo: {len(ran)} tasks and blocks", file=out)
+    for fut in sorted(ran, key=lambda f: int(f.uid.rsplit(".", 1)[1])):
+        print(f"  {fut.uid:<14} {fut.name:<13} {fut.state}", file=out)
+    summary = result["summary"]
+    assert isinstance(summary, dict)
+    print(f"pi estimate : {summary['mean']:.5f} +/- {summary['stdev']:.5f}", file=out)
+    print(f"report      : {result['report']}", end="", file=out)
+    print(f"sha256      : {result['sha256']}", file=out)
+    print(f"wall time   : {wall:.2f} s", file=out)
+    return result
 
+
+async def _run(
+    workdir: Path, simulations: int, samples: int
+) -> tuple[dict[str, object], list[TaskFuture]]:
+    ran: list[TaskFuture] = []
     async with await WorkflowEngine.create() as flow:
 
         @flow.executable_task
@@ -65,7 +81,7 @@ async def run_demo(
             ran.extend([summary, report, digest])
             return {
                 "summary": await summary,
-                "report": await report,
+                "report": Path(await report).read_text(),
                 "sha256": (await digest).split()[0],
             }
 
@@ -74,15 +90,4 @@ async def run_demo(
         result_future = analyse(estimates)
         ran.extend(seeds + estimates + [result_future])
         result: dict[str, object] = await result_future
-
-    wall = time.perf_counter() - started
-    print(f"asyncflow demo: {len(ran)} tasks and blocks", file=out)
-    for fut in sorted(ran, key=lambda f: int(f.uid.rsplit(".", 1)[1])):
-        print(f"  {fut.uid:<14} {fut.name:<13} {fut.state}", file=out)
-    summary = result["summary"]
-    assert isinstance(summary, dict)
-    print(f"pi estimate : {summary['mean']:.5f} +/- {summary['stdev']:.5f}", file=out)
-    print(f"report      : {result['report']}", file=out)
-    print(f"sha256      : {result['sha256']}", file=out)
-    print(f"wall time   : {wall:.2f} s", file=out)
-    return result
+    return result, ran

@@ -22,7 +22,7 @@ from .backends.local import LocalExecutionBackend
 from .backends.noop import NoopExecutionBackend
 from .backends.rhapsody import adapt
 from .checkpoint import CheckpointStore
-from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskOptions
+from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskOptions, task_name
 
 __all__ = ["Task", "TaskDecorator", "WorkflowEngine"]
 
@@ -117,7 +117,10 @@ class WorkflowEngine:
             _token=_CREATE_TOKEN,
         )
         if checkpoint is not None:
-            engine._scheduler.store = CheckpointStore(checkpoint)
+            # Opening checks the file's integrity: keep the loop free meanwhile.
+            engine._scheduler.store = await asyncio.to_thread(
+                CheckpointStore, checkpoint
+            )
         for b in backends:
             await b.attach(engine._scheduler)
         if handle_signals:
@@ -255,6 +258,7 @@ class WorkflowEngine:
         futures to the caller's :meth:`_settle_all` (the signal path)."""
         if self._shutdown_task is None:
             self._scheduler.closing = True
+            self._scheduler.wake_idle()
             self._shutdown_task = self.loop.create_task(self._shutdown(timeout, settle))
         return self._shutdown_task
 
@@ -270,6 +274,15 @@ class WorkflowEngine:
         await self._shutdown_backends(
             self.shutdown_timeout if timeout is None else timeout
         )
+        # Results that finished while the backends stopped are in the store's
+        # queue: write them before the program can exit.
+        store = scheduler.store
+        if store is not None:
+            scheduler.store = None
+            try:
+                await store.aclose()
+            except Exception:
+                log.warning("checkpoint %s failed to close", store.path, exc_info=True)
         if settle:
             self._settle_all()
 
@@ -279,12 +292,19 @@ class WorkflowEngine:
             return
         self._settled = True
         cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
-        if scheduler.store is not None:
-            scheduler.store.close()
-            scheduler.store = None
-        log.info(
-            "engine %s shut down (%d unfinished task(s) cancelled)", self.uid, cancelled
-        )
+        if cancelled:
+            shown = ", ".join(f"{t.name} ({t.uid})" for t in cancelled[:5])
+            more = f" and {len(cancelled) - 5} more" if len(cancelled) > 5 else ""
+            log.warning(
+                "engine %s shut down with %d unfinished task(s), now cancelled: "
+                "%s%s (await a task's future to wait for it)",
+                self.uid,
+                len(cancelled),
+                shown,
+                more,
+            )
+        else:
+            log.info("engine %s shut down", self.uid)
 
     def _kill_running(self) -> None:
         """Kill all running work at once (a second Ctrl-C during shutdown)."""
@@ -340,11 +360,30 @@ class WorkflowEngine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is None:
+            await self._wait_for_tasks()
         await self.shutdown()
+
+    async def _wait_for_tasks(self) -> None:
+        """Wait until every task and block called on this engine has finished,
+        or a shutdown began elsewhere (a signal)."""
+        scheduler = self._scheduler
+        while scheduler.live and self._shutdown_task is None:
+            idle = scheduler.idle = self.loop.create_future()
+            try:
+                await idle
+            finally:
+                scheduler.idle = None
 
     def __repr__(self) -> str:
         state = "shut down" if self.is_shut_down else "running"
         return f"<WorkflowEngine {self.uid} {state}, backends={list(self._backends)}>"
+
+
+def _describe(function: Callable[..., Any]) -> str:
+    if getattr(function, "__name__", None) == "<lambda>":
+        return "a lambda"
+    return f"plain function {task_name(function)!r}"
 
 
 def _default_description(function: Callable[..., Any], name: str) -> dict[str, Any]:
@@ -401,8 +440,9 @@ class TaskDecorator:
     results out of the engine's checkpoint; ``cache_key=`` (a callable over
     the task's arguments) and ``version=`` (a string) replace the arguments
     and the code in its cache key (docs/reliability.md). ``capture_stdio=True``
-    (executable tasks) writes the command's stdout and stderr to
-    ``work_dir/<engine uid>/<task uid>.out`` and ``.err`` and makes the
+    (executable tasks) writes the command's stdout and stderr to files
+    under ``work_dir/<engine uid>/`` named for the call (its cache key, or
+    its uid and the engine's run id), private to the user, and makes the
     stdout file's path the result.
     """
 
@@ -491,7 +531,14 @@ class TaskDecorator:
                 f"@flow.{decorator} can only decorate a function, got "
                 f"{type(function).__name__} {function!r}{hint}"
             )
-        name = getattr(function, "__name__", repr(function))
+        if kind is TaskKind.BLOCK and not inspect.iscoroutinefunction(function):
+            raise TypeError(
+                f"@flow.block needs an `async def` function, got "
+                f"{_describe(function)}: a block runs on the engine's event loop "
+                "and awaits the tasks it calls; for work in a plain function "
+                "use @flow.function_task"
+            )
+        name = task_name(function)
         description = _default_description(function, name)
         definition = TaskDefinition(
             function, kind, description, backend, options, capture_stdio
@@ -511,6 +558,7 @@ def _task_caller(engine: WorkflowEngine, definition: TaskDefinition) -> Task:
         )
 
     functools.update_wrapper(call, definition.function)
+    call.__name__ = call.__qualname__ = definition.name
     caller = cast(Task, call)
     caller.definition = definition
     caller.options = options  # type: ignore[method-assign]

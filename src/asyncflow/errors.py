@@ -87,16 +87,23 @@ class ExecutableError(AsyncFlowError, RuntimeError):
 class TaskTimeoutError(AsyncFlowError, TimeoutError):
     """A task attempt ran longer than its ``timeout``; its work was stopped."""
 
-    def __init__(self, task_name: str, timeout: float, attempt: int = 1) -> None:
+    def __init__(
+        self, task_name: str, timeout: float, attempt: int = 1, detail: str = ""
+    ) -> None:
         self.task_name = task_name
         self.timeout = timeout
         self.attempt = attempt
+        self.detail = detail
         super().__init__(
             f"task {task_name!r} timed out after {timeout:g}s (attempt {attempt})"
+            + (f"; {detail}" if detail else "")
         )
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.task_name, self.timeout, self.attempt))
+        return (
+            type(self),
+            (self.task_name, self.timeout, self.attempt, self.detail),
+        )
 
 
 class WorkerLostError(AsyncFlowError, RuntimeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,14 @@ class TaskOptions:
 DEFAULT_OPTIONS = TaskOptions()
 
 
+def task_name(function: Callable[..., Any]) -> str:
+    """A task's name: the function's, seen through functools.partial."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    name = getattr(function, "__name__", None)
+    return name if isinstance(name, str) else type(function).__name__
+
+
 class TaskDefinition:
     """What a decorator captured: shared by every call of one task."""
 
@@ -161,7 +170,7 @@ class TaskDefinition:
     ) -> None:
         self.function = function
         self.kind = kind
-        self.name: str = getattr(function, "__name__", type(function).__name__)
+        self.name: str = task_name(function)
         self.is_async = inspect.iscoroutinefunction(function)
         self.description: dict[str, Any] = dict(description)
         self.backend = backend
@@ -208,6 +217,7 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "_handle",
         "_key",
         "_members",
+        "_seq",
         "_timer",
         "_waiting",
         "args",
@@ -227,7 +237,8 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     kwargs: dict[str, Any]
     workflow_id: str | None
     attempts: int
-    """How many times the task has been handed to its backend (retries count)."""
+    """The number of the task's current attempt: 1, then 2, 3, ... for retries
+    (already the next one while a retry waits for its delay)."""
     restored: bool
     """True when the result came from the engine's checkpoint, not a run."""
     _engine: WorkflowEngine
@@ -238,6 +249,7 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     _waiting: int
     _block: TaskFuture | None
     _members: set[TaskFuture] | None
+    _seq: int
     _command: Any
     _handle: Any
     _timer: asyncio.TimerHandle | None

@@ -238,31 +238,62 @@ async def test_concurrent_shutdowns_all_return_after_the_work_stopped(
     assert flow.is_shut_down
 
 
-async def test_async_with_shuts_down_on_normal_exit(gates, stop) -> None:
+async def test_async_with_waits_for_unawaited_tasks_on_normal_exit(stop) -> None:
     started = threading.Event()
     pending: list[TaskFuture] = []
+    seen_while_exiting: list[bool] = []
     async with await WorkflowEngine.create(
         backend=threads_backend(2, shutdown_timeout=0.5)
     ) as flow:
 
         @flow.function_task
-        async def long_running() -> None:
+        async def long_running() -> str:
             started.set()
             await idle(stop)
+            return "finished"
 
         @flow.function_task
-        def after(x: object) -> object:
-            return x
+        def after(x: str) -> str:
+            return x + " and after"
 
         first = long_running()
         pending += [first, after(first)]
         await wait_until(started.is_set, "the task to start")
-        assert not flow.is_shut_down
+
+        def release() -> None:
+            # Runs once the block below has been left: the exit is waiting.
+            seen_while_exiting.append(flow.is_shut_down)
+            stop.set()
+
+        asyncio.get_running_loop().call_soon(release)
+    assert seen_while_exiting == [False]
     assert flow.is_shut_down
-    for fut in pending:
-        await assert_cancelled(fut)
+    assert [f.state for f in pending] == ["DONE", "DONE"]
+    assert pending[1].result() == "finished and after"
     with pytest.raises(RuntimeError, match="long_running"):
         long_running()
+
+
+async def test_explicit_shutdown_warns_about_the_tasks_it_cancels(
+    stop, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow = await WorkflowEngine.create(backend=threads_backend(2, shutdown_timeout=0.5))
+
+    @flow.function_task
+    async def long_running(i: int) -> None:
+        await idle(stop)
+
+    futures = [long_running(i) for i in range(7)]
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="asyncflow"):
+        await flow.shutdown()
+    for fut in futures:
+        await assert_cancelled(fut)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    cancelled = [m for m in warnings if "7 unfinished task(s)" in m]
+    assert len(cancelled) == 1, warnings
+    assert "long_running (task.000001)" in cancelled[0]
+    assert "and 2 more" in cancelled[0]
 
 
 async def test_async_with_shuts_down_on_exception_and_does_not_swallow_it(stop) -> None:

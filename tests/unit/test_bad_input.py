@@ -140,7 +140,9 @@ async def test_non_dict_task_description_at_call_time(
     [NoopExecutionBackend, lambda: LocalExecutionBackend(ThreadPoolExecutor(2))],
     ids=["noop", "threads"],
 )
-@pytest.mark.parametrize("bad", [0, None, b"ls", ["ls", "-l"], "", "  \n "], ids=repr)
+@pytest.mark.parametrize(
+    "bad", [0, None, b"ls", [], ["ls", 1], ("ls", b"-l"), "", "  \n "], ids=repr
+)
 async def test_executable_body_returning_a_non_command(
     engines, backend: Callable[[], Any], bad: Any
 ) -> None:

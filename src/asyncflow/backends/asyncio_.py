@@ -3,34 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future
 from functools import partial
+from typing import Any
 
 from ..tasks import TaskFuture, TaskKind
+from ._pool import DaemonThreadPool
 from ._subprocess import SubprocessRunner
 from .base import ExecutionBackend, TaskReporter, log_started
 
 __all__ = ["AsyncioExecutionBackend"]
 
 
+def _started_then_call(reporter: TaskReporter, task: TaskFuture, attempt: int) -> Any:
+    if task._definition.reliability is not None:
+        reporter.started_threadsafe(task, attempt)
+    return task._definition.function(*task.args, **task.kwargs)
+
+
 class AsyncioExecutionBackend(ExecutionBackend):
     """The fastest path for I/O-bound work (HTTP calls, LLM requests, ...).
 
     ``async def`` bodies run as asyncio tasks on the engine's own loop, so
-    they must not block; plain ``def`` bodies run in the loop's default
-    thread pool. Executable tasks run as subprocesses, at most
+    they must not block; plain ``def`` bodies run in a pool of daemon
+    threads (``max_threads``, default as ``ThreadPoolExecutor``), so that a
+    body stuck in a blocking call cannot keep the program alive after
+    shutdown. Executable tasks run as subprocesses, at most
     ``max_subprocesses`` at once (default: the number of CPUs).
     """
 
     kinds = frozenset({TaskKind.FUNCTION, TaskKind.EXECUTABLE})
+    reports_start = True
 
     def __init__(
-        self, name: str = "default", *, max_subprocesses: int | None = None
+        self,
+        name: str = "default",
+        *,
+        max_subprocesses: int | None = None,
+        max_threads: int | None = None,
     ) -> None:
         super().__init__(name)
         self._subprocesses = SubprocessRunner(max_subprocesses or os.cpu_count() or 1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._max_threads = max_threads
+        self._threads: DaemonThreadPool | None = None  # made on first use
 
     async def attach(self, reporter: TaskReporter) -> None:
         await super().attach(reporter)
@@ -50,13 +69,26 @@ class AsyncioExecutionBackend(ExecutionBackend):
         definition = task._definition
         reporter = self.reporter
         log_started(task)
+        pending: Future[Any] | None = None
         try:
             if definition.is_async:
+                reporter.started(task, attempt)
                 value = await definition.function(*task.args, **task.kwargs)
             else:
-                call = partial(definition.function, *task.args, **task.kwargs)
-                value = await asyncio.get_running_loop().run_in_executor(None, call)
+                if self._threads is None:
+                    self._threads = DaemonThreadPool(
+                        self._max_threads, thread_name_prefix=f"asyncflow-{self.name}"
+                    )
+                call = partial(_started_then_call, reporter, task, attempt)
+                pending = self._threads.submit(call)
+                value = await asyncio.wrap_future(pending)
         except asyncio.CancelledError:
+            if pending is not None and not pending.done():
+                # A thread cannot be stopped: the attempt lasts until its body
+                # returns (a retry waits for that). Cancelled again, e.g. by
+                # asyncio.run at exit, stop waiting.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wrap_future(pending)
             return
         except BaseException as exc:  # SystemExit & co. fail only this task
             if task.attempts == attempt:
@@ -71,5 +103,12 @@ class AsyncioExecutionBackend(ExecutionBackend):
         elif isinstance(task._handle, asyncio.Task):
             task._handle.cancel()
 
+    def kill(self) -> None:
+        self._subprocesses.kill_all()
+
     async def shutdown(self) -> None:
         await self._subprocesses.shutdown()
+        if self._threads is not None:
+            # Daemon threads: one stuck in a blocking call is left behind and
+            # does not keep the program from exiting.
+            self._threads.shutdown(wait=False, cancel_futures=True)

@@ -105,7 +105,7 @@ class ExecutionBackend(abc.ABC):
     def cancel(self, task: TaskFuture) -> None:
         """Stop a running task's work as far as possible (best effort)."""
 
-    def kill(self) -> None:
+    def kill(self) -> None:  # noqa: B027 - optional: most backends hold no processes
         """Stop all running work at once, without grace (a second Ctrl-C).
 
         Called on the loop thread while :meth:`shutdown` may be under way;

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -54,7 +54,10 @@ _Coroutines = dict[TaskFuture, tuple[asyncio.AbstractEventLoop, "asyncio.Task[An
 
 
 def _call_in_thread(
-    task: TaskFuture, attempt: int, report: Callable[..., None], coroutines: _Coroutines
+    task: TaskFuture,
+    attempt: int,
+    reporter: TaskReporter,
+    coroutines: _Coroutines,
 ) -> None:
     if (
         task.state is not _RUNNING
@@ -64,6 +67,9 @@ def _call_in_thread(
         return
     log_started(task)
     definition = task._definition
+    report = reporter.report_threadsafe
+    if definition.reliability is not None:
+        reporter.started_threadsafe(task, attempt)
     try:
         if definition.is_async:
             loop = _worker_loop()
@@ -87,33 +93,45 @@ def _call_in_thread(
             report(task, True, value)
 
 
-def _call_in_process(payload: bytes) -> Any:
-    function, is_async, args, kwargs, uid = cloudpickle.loads(payload)
+class _Unpicklable(TypeError):
+    """What a process-pool task could not send across the process boundary."""
+
+
+def _call_in_process(payload: bytes) -> bytes:
+    function, is_async, args, kwargs, uid, name = cloudpickle.loads(payload)
     if log.isEnabledFor(logging.DEBUG):  # a forked worker inherits the handler
         log.debug("started %s in process %d", uid, os.getpid())
     if is_async:
-        return _worker_loop().run_until_complete(function(*args, **kwargs))
-    return function(*args, **kwargs)
+        value = _worker_loop().run_until_complete(function(*args, **kwargs))
+    else:
+        value = function(*args, **kwargs)
+    # Pickled here, so that the error can say it was the result.
+    try:
+        return bytes(cloudpickle.dumps(value))
+    except Exception as exc:
+        raise _Unpicklable(
+            f"the result of task {name!r} ({uid}), a {type(value).__name__}, "
+            f"cannot be pickled to send it back from the worker process: {exc}"
+        ) from None
 
 
-def _process_done(
-    task: TaskFuture, attempt: int, report: Callable[..., None], future: Future[Any]
-) -> None:
-    if future.cancelled() or task.attempts != attempt:
-        return
-    error = future.exception()
-    if error is None:
-        report(task, True, future.result())
-        return
-    if isinstance(error, BrokenProcessPool):
-        lost = WorkerLostError(
-            f"a worker process died abruptly (killed by a signal, os._exit() or a "
-            f"crash) while task {task.name!r} ({task.uid}) was running or queued "
-            "in its pool; later tasks run in a new pool"
-        )
-        lost.__cause__ = error
-        error = lost
-    report(task, False, error)
+def _pickling_error(task: TaskFuture, exc: Exception) -> _Unpicklable:
+    """Say which part of a task could not be pickled for a process pool."""
+    definition = task._definition
+    parts: list[tuple[str, Any]] = [("its function", definition.function)]
+    parts += [(f"argument {i + 1}", a) for i, a in enumerate(task.args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in task.kwargs.items()]
+    for what, value in parts:
+        try:
+            cloudpickle.dumps(value)
+        except Exception as part_exc:
+            return _Unpicklable(
+                f"task {task.name!r} ({task.uid}) cannot run in a process pool: "
+                f"{what} ({type(value).__name__}) cannot be pickled: {part_exc}"
+            )
+    return _Unpicklable(
+        f"task {task.name!r} ({task.uid}) cannot be pickled for a process pool: {exc}"
+    )
 
 
 class LocalExecutionBackend(ExecutionBackend):
@@ -137,6 +155,7 @@ class LocalExecutionBackend(ExecutionBackend):
     """
 
     kinds = frozenset({TaskKind.FUNCTION, TaskKind.EXECUTABLE})
+    reports_start = True
 
     def __init__(
         self,
@@ -164,6 +183,15 @@ class LocalExecutionBackend(ExecutionBackend):
         self._subprocesses = SubprocessRunner(self.max_workers)
         # async bodies running in worker threads, for cancel()
         self._coroutines: _Coroutines = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        # Process pools: tasks waiting for a worker, tasks in one, and tasks
+        # whose worker was killed to stop another task.
+        self._queued: deque[tuple[TaskFuture, int]] = deque()
+        self._in_flight: dict[Future[Any], tuple[TaskFuture, int]] = {}
+        self._victims: set[Future[Any]] = set()
+        # Workers killed to stop a task: shutdown waits until they are gone.
+        self._killed: list[Any] = []
         #: Set when shutdown gave up on non-daemon threads still running.
         self.abandoned_threads = False
 
@@ -176,36 +204,131 @@ class LocalExecutionBackend(ExecutionBackend):
     async def attach(self, reporter: TaskReporter) -> None:
         await super().attach(reporter)
         self._subprocesses.bind(reporter)
+        self._loop = asyncio.get_running_loop()
 
     def submit(self, tasks: Sequence[TaskFuture]) -> None:
         reporter = self.reporter
-        report = reporter.report_threadsafe
         submit = self.executor.submit if not self.processes else None
         for task in tasks:
             try:
                 if task._definition.kind is TaskKind.EXECUTABLE:
                     self._subprocesses.submit(task)
                 elif self.processes:
-                    self._submit_to_process(task, report)
+                    self._queued.append((task, task.attempts))
                 else:
                     task._handle = submit(  # type: ignore[misc]
-                        _call_in_thread, task, task.attempts, report, self._coroutines
+                        _call_in_thread, task, task.attempts, reporter, self._coroutines
                     )
             except Exception as exc:
                 reporter.failed(task, exc)
+        if self._queued:
+            self._pump_processes()
 
-    def _submit_to_process(self, task: TaskFuture, report: Callable[..., None]) -> None:
-        definition = task._definition
-        payload = cloudpickle.dumps(
-            (definition.function, definition.is_async, task.args, task.kwargs, task.uid)
-        )
-        if getattr(self.executor, "_broken", False):
-            self._replace_pool()
-        future = self.executor.submit(_call_in_process, payload)
-        task._handle = future
-        future.add_done_callback(partial(_process_done, task, task.attempts, report))
+    # -- process pools --------------------------------------------------------
+    # At most one task per worker is handed to the executor, so that a task
+    # handed over is running: its timeout counts running time, and a task to
+    # stop is known to be in a worker, which is killed.
 
-    def _replace_pool(self) -> None:
+    def _pump_processes(self) -> None:
+        reporter = self.reporter
+        queued = self._queued
+        while queued and len(self._in_flight) < self.max_workers and not self._closed:
+            task, attempt = queued.popleft()
+            if task.state is not _RUNNING or task.attempts != attempt:
+                continue
+            definition = task._definition
+            try:
+                payload = cloudpickle.dumps(
+                    (
+                        definition.function,
+                        definition.is_async,
+                        task.args,
+                        task.kwargs,
+                        task.uid,
+                        task.name,
+                    )
+                )
+            except Exception as exc:
+                reporter.failed(task, _pickling_error(task, exc))
+                continue
+            if getattr(self.executor, "_broken", False):
+                self._replace_pool(
+                    "a worker process died and broke the pool; started a new one"
+                )
+            try:
+                future = self.executor.submit(_call_in_process, payload)
+            except Exception as exc:
+                reporter.failed(task, exc)
+                continue
+            task._handle = future
+            self._in_flight[future] = (task, attempt)
+            future.add_done_callback(self._process_done_threadsafe)
+            reporter.started(task, attempt)
+
+    def _process_done_threadsafe(self, future: Future[Any]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            loop.call_soon_threadsafe(self._process_done, future)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _process_done(self, future: Future[Any]) -> None:
+        entry = self._in_flight.pop(future, None)
+        if entry is None:
+            return
+        task, attempt = entry
+        error = None if future.cancelled() else future.exception()
+        lost = future.cancelled() or isinstance(error, BrokenProcessPool)
+        if future in self._victims:
+            self._victims.discard(future)
+            if lost:
+                # Its worker was killed to stop another task: run it again.
+                if task.state is _RUNNING and task.attempts == attempt:
+                    self._queued.appendleft((task, attempt))
+                self._pump_processes()
+                return
+        if not future.cancelled() and task.attempts == attempt:
+            reporter = self.reporter
+            if error is None:
+                try:
+                    value = cloudpickle.loads(future.result())
+                except Exception as exc:
+                    reporter.failed(task, exc)
+                else:
+                    reporter.succeeded(task, value)
+            else:
+                if isinstance(error, BrokenProcessPool):
+                    worker_lost = WorkerLostError(
+                        f"a worker process died abruptly (killed by a signal, "
+                        f"os._exit() or a crash) while task {task.name!r} "
+                        f"({task.uid}) was running in it; later tasks run in a "
+                        "new pool"
+                    )
+                    worker_lost.__cause__ = error
+                    error = worker_lost
+                reporter.failed(task, error)
+        self._pump_processes()
+
+    def _kill_pool(self, target: Future[Any] | None) -> int:
+        """Kill the pool's workers (to stop ``target``, or all work) and start a
+        new pool; other tasks that were in flight run again there."""
+        executor = self.executor
+        workers = list((getattr(executor, "_processes", None) or {}).values())
+        for future in self._in_flight:
+            if future is not target and target is not None and not future.done():
+                self._victims.add(future)
+        if target is not None:
+            self._victims.discard(target)
+        killed = _kill(workers)
+        self._killed.extend(workers)
+        if not self._closed:
+            self._replace_pool(
+                "killed the worker processes to stop a task; started a new pool"
+            )
+        return killed
+
+    def _replace_pool(self, why: str) -> None:
         broken = self.executor
         self.executor = ProcessPoolExecutor(
             max_workers=self.max_workers,
@@ -214,37 +337,51 @@ class LocalExecutionBackend(ExecutionBackend):
             initargs=getattr(broken, "_initargs", ()),
         )
         broken.shutdown(wait=False, cancel_futures=True)
-        log.warning(
-            "backend %r: a worker process died and broke the pool; started a new one",
-            self.name,
-        )
+        log.warning("backend %r: %s", self.name, why)
+
+    # -- cancellation and shutdown --------------------------------------------
 
     def cancel(self, task: TaskFuture) -> None:
         handle = task._handle
         if isinstance(handle, Future):
-            if not handle.cancel():  # already running in a worker
-                running = self._coroutines.get(task)
-                if running is not None:
-                    loop, runner = running
-                    try:
-                        loop.call_soon_threadsafe(runner.cancel)
-                    except RuntimeError:  # the worker's loop is already closed
-                        pass
+            if handle.cancel():
+                return
+            if self.processes:
+                if handle in self._in_flight and not handle.done():
+                    self._kill_pool(handle)
+                return
+            running = self._coroutines.get(task)
+            if running is not None:  # an async body: cancel it in its thread
+                loop, runner = running
+                try:
+                    loop.call_soon_threadsafe(runner.cancel)
+                except RuntimeError:  # the worker's loop is already closed
+                    pass
         else:
             self._subprocesses.cancel(task)
 
+    def kill(self) -> None:
+        self._closed = True
+        self._queued.clear()
+        self._subprocesses.kill_all()
+        if self.processes:
+            self._kill_pool(None)
+
     async def shutdown(self) -> None:
+        self._closed = True
+        self._queued.clear()
         await self._subprocesses.shutdown()
         executor = self.executor
         # Read before shutdown(wait=False), which forgets both.
         workers = list((getattr(executor, "_processes", None) or {}).values())
         manager = getattr(executor, "_executor_manager_thread", None)
         executor.shutdown(wait=False, cancel_futures=True)
+        stopped, self._killed = self._killed, []
 
         def join() -> None:
             if manager is not None:
                 manager.join()
-            for worker in workers:
+            for worker in workers + stopped:
                 worker.join()
             executor.shutdown(wait=True)
 
