@@ -1,14 +1,18 @@
 """SIGINT/SIGTERM: shut every engine on the loop down, then exit as asked.
 
 One hub per event loop, shared by all engines on it, so several engines never
-overwrite each other's handlers. After the engines have stopped their work,
-the signal's usual effect follows: the previous handler if the program had one,
-otherwise ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``.
+overwrite each other's handlers. The first signal starts a graceful shutdown
+of every engine; a second one while it is under way kills their running work
+and lets the exit proceed at once. Then the signal has its usual effect: the
+handler the program had before (installed with ``signal.signal`` or
+``loop.add_signal_handler``), otherwise ``KeyboardInterrupt`` (SIGINT) or
+``SystemExit(128 + signum)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -16,6 +20,8 @@ import signal
 import sys
 import threading
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,22 +31,75 @@ log = logging.getLogger("asyncflow.signals")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SignalHub] = (
-    weakref.WeakKeyDictionary()
-)
+# Keyed by id(loop) and holding hubs weakly: the loop owns its hub (through
+# the signal handlers it keeps, and the shutdown task a signal starts), so
+# nothing global keeps a finished run's loop alive. A live hub references
+# its loop, so the id cannot be reused while the entry exists.
+_hubs: weakref.WeakValueDictionary[int, _SignalHub] = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class _LoopHandler:
+    """A handler the program added with ``loop.add_signal_handler``."""
+
+    callback: Callable[..., object]
+    args: tuple[Any, ...]
+
+
+def _loop_handler(loop: asyncio.AbstractEventLoop, sig: int) -> _LoopHandler | None:
+    # asyncio keeps these in a private dict (unix_events). Another loop
+    # implementation may not have it: the program's handler is then lost to
+    # us, and the signal falls back to its default once the engines stop.
+    handlers = getattr(loop, "_signal_handlers", None)
+    handle = handlers.get(sig) if isinstance(handlers, dict) else None
+    callback = getattr(handle, "_callback", None)
+    if not callable(callback) or getattr(handle, "_cancelled", False):
+        return None
+    return _LoopHandler(callback, tuple(getattr(handle, "_args", None) or ()))
+
+
+def _dispatched_by_a_loop(handler: Any) -> bool:
+    # With a loop handler in place, the signal module holds only asyncio's
+    # no-op function; the real handler lives in the loop.
+    return getattr(handler, "__module__", None) == "asyncio.unix_events"
 
 
 class _SignalHub:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.engines: set[WorkflowEngine] = set()
+        #: What each signal we took over did before (None: its default).
         self.previous: dict[int, Any] = {}
+        #: The engines a signal is shutting down, once one arrived.
+        self.stopping: list[WorkflowEngine] | None = None
+        #: Set by a second signal: stop waiting for the graceful shutdown.
+        self._hurry: asyncio.Future[None] = loop.create_future()
+        # asyncio keeps only weak references to tasks.
+        self._shutting_down: asyncio.Task[None] | None = None
+
+    def add(self, engine: WorkflowEngine) -> None:
+        if self.stopping is not None:
+            # The program is going down on a signal: so does this engine.
+            engine._begin_shutdown(settle=False)
+            self.stopping.append(engine)
+            return
+        if not self.engines:
+            self.install()
+        self.engines.add(engine)
+
+    def discard(self, engine: WorkflowEngine) -> None:
+        if engine in self.engines:
+            self.engines.discard(engine)
+            if not self.engines:
+                self.uninstall()
 
     def install(self) -> None:
         for sig in SIGNALS:
-            previous = signal.getsignal(sig)
+            previous: Any = signal.getsignal(sig)
             if previous is signal.SIG_IGN:  # e.g. a background job: respect it
                 continue
+            if _dispatched_by_a_loop(previous):
+                previous = _loop_handler(self.loop, sig)
             try:
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
             except (NotImplementedError, RuntimeError, ValueError):
@@ -50,32 +109,77 @@ class _SignalHub:
     def uninstall(self) -> dict[int, Any]:
         previous, self.previous = self.previous, {}
         for sig, handler in previous.items():
+            current = _loop_handler(self.loop, sig)
+            if current is not None and current.callback != self._on_signal:
+                continue  # the program put its own handler in since: keep it
             try:
-                self.loop.remove_signal_handler(sig)
-                if handler is not None:
-                    signal.signal(sig, handler)
+                if isinstance(handler, _LoopHandler):
+                    self.loop.add_signal_handler(sig, handler.callback, *handler.args)
+                else:
+                    self.loop.remove_signal_handler(sig)
+                    if handler is not None:
+                        signal.signal(sig, handler)
             except (RuntimeError, ValueError):  # loop closed or not main thread
                 pass
         return previous
 
     def _on_signal(self, sig: int) -> None:
-        engines = list(self.engines)
+        name = signal.Signals(sig).name
+        if self.stopping is not None:
+            log.warning(
+                "received %s during the shutdown: killing the running work of "
+                "%d workflow engine(s) and exiting now",
+                name,
+                len(self.stopping),
+            )
+            for engine in self.stopping:
+                engine._kill_running()
+            if not self._hurry.done():
+                self._hurry.set_result(None)
+            return
+        self.stopping = list(self.engines)
         self.engines.clear()
-        previous = self.uninstall()
         log.warning(
-            "received %s: shutting down %d workflow engine(s)",
-            signal.Signals(sig).name,
-            len(engines),
+            "received %s: shutting down %d workflow engine(s) (a second Ctrl-C "
+            "or SIGTERM kills their running work and exits at once)",
+            name,
+            len(self.stopping),
         )
-        self.loop.create_task(self._shut_down(engines, sig, previous.get(sig)))
+        self._shutting_down = self.loop.create_task(self._shut_down(sig, self.stopping))
 
-    async def _shut_down(
-        self, engines: list[WorkflowEngine], sig: int, previous: Any
-    ) -> None:
-        stopping = [engine._begin_shutdown(settle=False) for engine in engines]
-        await asyncio.gather(*stopping, return_exceptions=True)
-        if not _is_own_handler(previous) and any(
-            engine._abandoned_threads for engine in engines
+    async def _shut_down(self, sig: int, engines: list[WorkflowEngine]) -> None:
+        hurry = self._hurry
+        try:
+            # The list grows if an engine is created meanwhile (see add()).
+            while not hurry.done():
+                pending = [
+                    task
+                    for task in (
+                        engine._begin_shutdown(settle=False) for engine in engines
+                    )
+                    if not task.done()
+                ]
+                if not pending:
+                    break
+                await asyncio.wait(
+                    [*pending, hurry], return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            # Also when asyncio.run cancels this (the program's main returned
+            # meanwhile). From here on an engine created by the program's
+            # clean-up gets a hub of its own, and signals reach the program's
+            # own handlers again.
+            if _hubs.get(id(self.loop)) is self:
+                del _hubs[id(self.loop)]
+            previous = self.uninstall().get(sig)
+        # After a second signal, what is still shutting down is left to the
+        # program's exit (asyncio.run cancels every task left), except
+        # threads: a thread in a blocking call would hold the exit up.
+        cut_short = any(
+            not engine._begin_shutdown(settle=False).done() for engine in engines
+        )
+        if not _is_own_handler(previous) and (
+            cut_short or any(engine._abandoned_threads for engine in engines)
         ):
             _exit_without_joining(128 + sig)
         # Queue the exit first, then settle every future in this same step:
@@ -86,31 +190,60 @@ class _SignalHub:
 
 
 def _exit_without_joining(code: int) -> None:
-    """Make interpreter exit skip joining threads stuck in blocking calls.
+    """Make interpreter exit skip joining threads still running work.
 
     A ``ThreadPoolExecutor`` thread is joined at exit, so a call that never
     returns would keep a signalled program alive for good. The hook runs when
     the interpreter starts waiting for threads, after the program's own
     clean-up, and ends the process with the signal's exit status.
     """
+    _at_thread_exit(lambda: _leave_now(code))
+
+
+def exit_past_stuck_threads(threads: list[threading.Thread]) -> None:
+    """Let a normally ending program exit although ``threads`` (abandoned by a
+    shutdown, stuck in blocking calls) still run.
+
+    Past the shutdown bound nothing will stop them, and the interpreter would
+    wait for them for good. If any is still alive when the interpreter starts
+    waiting, the process ends there: status 1 after an uncaught exception,
+    else 0 (a ``sys.exit(n)`` status is not visible at that point).
+    """
+
+    def leave() -> None:
+        if any(thread.is_alive() for thread in threads):
+            failed = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+            _leave_now(1 if failed is not None else 0)
+
+    _at_thread_exit(leave)
+
+
+def _at_thread_exit(hook: Any) -> None:
     register = getattr(threading, "_register_atexit", None)
     if register is None:  # pragma: no cover - all supported Pythons have it
         return
-
-    def leave() -> None:
-        log.warning("threads stuck in blocking calls were abandoned; exiting")
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
     with contextlib.suppress(RuntimeError):
-        register(leave)
+        register(hook)
+
+
+def _leave_now(code: int) -> None:
+    log.warning("threads still running were abandoned; exiting")
+    # os._exit skips the exit functions, which would come after the
+    # threads: run them now (a checkpoint writes the results it holds).
+    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_functions is not None:
+        run_exit_functions()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _is_own_handler(previous: Any) -> bool:
     """Whether the program had installed a handler of its own (asyncio.run's
     SIGINT handler, which turns Ctrl-C into KeyboardInterrupt, is not)."""
+    if isinstance(previous, _LoopHandler):
+        return True
     runner = getattr(asyncio, "Runner", None)  # Python 3.11+
     # asyncio.Runner installs functools.partial(self._on_sigint, ...).
     owner = getattr(getattr(previous, "func", previous), "__self__", None)
@@ -122,7 +255,11 @@ def _is_own_handler(previous: Any) -> bool:
 
 
 def _exit_as_signalled(sig: int, previous: Any) -> None:
-    if _is_own_handler(previous):
+    if isinstance(previous, _LoopHandler):
+        # Called here rather than through the loop's signal dispatch, which
+        # would run it after the program's tasks resume, or never if they end.
+        previous.callback(*previous.args)
+    elif _is_own_handler(previous):
         signal.raise_signal(sig)
     elif sig == signal.SIGINT:
         raise KeyboardInterrupt
@@ -141,7 +278,7 @@ def _block_signals_for_fork() -> None:
     # handlers would be written to the parent's socket and read there as the
     # parent's own. Keep the signals pending across the fork instead.
     global _mask_before_fork
-    if any(hub.previous for hub in _hubs.values()):
+    if any(hub.previous for hub in list(_hubs.values())):
         _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
@@ -163,8 +300,7 @@ def _forget_handlers_in_child() -> None:
             (signal.SIGINT, signal.default_int_handler),
             (signal.SIGTERM, signal.SIG_DFL),
         ):
-            handler = signal.getsignal(sig)
-            if getattr(handler, "__module__", None) == "asyncio.unix_events":
+            if _dispatched_by_a_loop(signal.getsignal(sig)):
                 signal.signal(sig, default)
     except ValueError:  # forked from a thread other than the main one
         pass
@@ -184,19 +320,14 @@ def register(engine: WorkflowEngine, loop: asyncio.AbstractEventLoop) -> bool:
     """Route SIGINT/SIGTERM to ``engine``; False where signals can't be handled."""
     if threading.current_thread() is not threading.main_thread():
         return False
-    hub = _hubs.get(loop)
+    hub = _hubs.get(id(loop))
     if hub is None:
-        hub = _hubs[loop] = _SignalHub(loop)
-    if not hub.engines:
-        hub.install()
-    hub.engines.add(engine)
+        hub = _hubs[id(loop)] = _SignalHub(loop)
+    hub.add(engine)
     return True
 
 
 def unregister(engine: WorkflowEngine, loop: asyncio.AbstractEventLoop) -> None:
-    hub = _hubs.get(loop)
-    if hub is None or engine not in hub.engines:
-        return
-    hub.engines.discard(engine)
-    if not hub.engines:
-        hub.uninstall()
+    hub = _hubs.get(id(loop))
+    if hub is not None:
+        hub.discard(engine)

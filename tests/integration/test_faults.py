@@ -518,3 +518,43 @@ async def test_a_result_finishing_during_shutdown_is_checkpointed(
         assert again.restored
     finally:
         await flow.shutdown()
+
+
+@pytest.mark.parametrize(("ending", "status"), [("pass", 0), ("1 / 0", 1)])
+def test_a_stuck_thread_of_a_user_pool_does_not_block_exit(
+    tmp_path: Path, ending: str, status: int
+) -> None:
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, time
+            from concurrent.futures import ThreadPoolExecutor
+            from asyncflow import LocalExecutionBackend, WorkflowEngine
+
+            async def main():
+                backend = LocalExecutionBackend(
+                    ThreadPoolExecutor(1), shutdown_timeout=0.5
+                )
+                flow = await WorkflowEngine.create(backend=backend)
+
+                @flow.function_task
+                def stuck():
+                    time.sleep(600)
+
+                stuck()
+                await asyncio.sleep(0.2)
+                await flow.shutdown()
+                print("shut down", flush=True)
+
+            asyncio.run(main())
+            {ending}
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == status, done.stderr
+    assert "shut down" in done.stdout
+    assert "abandoned" in done.stderr

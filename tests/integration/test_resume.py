@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     from concurrent.futures import ThreadPoolExecutor
     from asyncflow import LocalExecutionBackend, WorkflowEngine
 
-    markers, db, release, run = sys.argv[1:5]
+    markers, db, release = sys.argv[1:4]
 
     async def main():
         backend = LocalExecutionBackend(ThreadPoolExecutor(4))
@@ -31,13 +31,15 @@ SCRIPT = textwrap.dedent(
                 # Tasks 6 and up wait for the release file (never in run 1).
                 while i >= 6 and not os.path.exists(release):
                     time.sleep(0.02)
-                with open(os.path.join(markers, f"{i}-{run}-{uuid.uuid4().hex}"), "w"):
+                # The run's name is read from argv here, not from a global:
+                # a global the body reads is part of its cache key.
+                with open(os.path.join(markers, f"{i}-{sys.argv[4]}-{uuid.uuid4().hex}"), "w"):
                     pass
                 return i * i
 
             @flow.function_task
             def total(values):
-                with open(os.path.join(markers, f"total-{run}-{uuid.uuid4().hex}"), "w"):
+                with open(os.path.join(markers, f"total-{sys.argv[4]}-{uuid.uuid4().hex}"), "w"):
                     pass
                 return sum(values)
 
@@ -118,3 +120,96 @@ def test_sigkill_then_rerun_skips_every_finished_task(tmp_path: Path) -> None:
     )
     assert fresh.returncode == 0, fresh.stderr
     assert second.stdout == fresh.stdout == f"total={sum(i * i for i in range(12))}\n"
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, sys, time
+    from concurrent.futures import ThreadPoolExecutor
+    from asyncflow import LocalExecutionBackend, WorkflowEngine
+
+    runs, db, hold = sys.argv[1:4]
+    QUICK = 6
+
+    async def main():
+        backend = LocalExecutionBackend(ThreadPoolExecutor(4))
+        async with await WorkflowEngine.create(backend=backend, checkpoint=db) as flow:
+
+            @flow.function_task
+            def simulate(i):
+                # While the hold file exists, tasks past the first few finish
+                # only once a shutdown is under way: their results arrive
+                # during it. The run's name comes from the environment, which
+                # the task's checkpoint key does not cover.
+                while i >= QUICK and os.path.exists(hold) and not flow.is_shut_down:
+                    time.sleep(0.01)
+                with open(runs, "a") as log:
+                    log.write(f"{i} {os.environ['CAMPAIGN_RUN']}\\n")
+                return i * i
+
+            @flow.function_task
+            def total(values):
+                return sum(values)
+
+            print(await total([simulate(i) for i in range(24)]))
+
+    asyncio.run(main())
+    """
+)
+
+
+def _runs(log: Path) -> list[tuple[str, str]]:
+    if not log.exists():
+        return []
+    lines = log.read_text().splitlines()
+    return [(i, run) for i, run in (line.split() for line in lines)]
+
+
+def test_ctrl_c_then_rerun_skips_every_finished_task(tmp_path: Path) -> None:
+    """SIGINT stops a checkpointed run; the next run of the same program runs
+    only what the first did not finish, including the tasks whose results
+    arrived while the first run was shutting down."""
+    script = tmp_path / "campaign.py"
+    script.write_text(CTRL_C_SCRIPT)
+    log = tmp_path / "runs.log"
+    db = tmp_path / "run.db"
+    hold = tmp_path / "hold"
+    hold.touch()
+
+    def start(run: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, str(script), str(log), str(db), str(hold)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "CAMPAIGN_RUN": run},
+        )
+
+    first = start("first")
+    try:
+        deadline = time.monotonic() + 60
+        while len(_runs(log)) < 6:
+            assert first.poll() is None, "the first run ended on its own"
+            assert time.monotonic() < deadline, "the first run finished no task"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode in (-signal.SIGINT, 128 + signal.SIGINT), err
+    ran_first = {int(i) for i, _ in _runs(log)}
+    # The held tasks that had a worker finished during the shutdown.
+    assert set(range(6)) < ran_first < set(range(24)), ran_first
+
+    hold.unlink()
+    second = start("second")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert out == f"{sum(i * i for i in range(24))}\n"
+    runs = Counter(int(i) for i, _ in _runs(log))
+    # Every task ran exactly once over the two runs.
+    assert runs == Counter(range(24)), runs
+    ran_second = {int(i) for i, run in _runs(log) if run == "second"}
+    assert ran_second == set(range(24)) - ran_first

@@ -4,7 +4,9 @@ Each test runs a real program (``python script.py``) that starts long-running
 executable tasks (``sleep 60``, including a background grandchild) and
 thread tasks, prints ``READY`` once every command has written its PID and
 every thread task has started (markers, not sleeps), and then waits. The
-test sends the signal and checks how the program ends.
+test sends the signal and checks how the program ends. (Only the check that
+no event loop outlives its run works in this process, in pytest's main
+thread.)
 
 Exit convention (what a program gets after the graceful shutdown):
 
@@ -13,12 +15,18 @@ Exit convention (what a program gets after the graceful shutdown):
   itself, so the return code is ``-2`` (killed by SIGINT) or, where the
   interpreter exits instead, ``130`` (128 + 2). Both are accepted.
 * SIGTERM -> ``SystemExit(143)`` (128 + 15), so the return code is ``143``.
-* A program that installed its own handler before creating the engine gets
-  that handler called after the graceful shutdown; its handler decides.
+* A program that installed its own handler before creating the engine
+  (``signal.signal`` or ``loop.add_signal_handler``) gets that handler called
+  after the graceful shutdown; its handler decides. The handler is back in
+  place afterwards, and after ``flow.shutdown()``.
+* A second signal during the graceful shutdown kills the running work and
+  lets the exit proceed at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import select
 import signal
@@ -26,11 +34,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from asyncflow import WorkflowEngine
 
 from ..processes import alive, kill_alive
 
@@ -166,10 +177,10 @@ def wait_until(predicate: Callable[[], bool], what: str, bound: float) -> None:
 class Program:
     """The script, run as a subprocess, with line-wise access to its stdout."""
 
-    def __init__(self, script: Path, directory: Path, mode: str) -> None:
+    def __init__(self, script: Path, directory: Path, *args: str) -> None:
         self.directory = directory
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(directory), mode],
+            [sys.executable, str(script), str(directory), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             bufsize=0,
@@ -182,7 +193,8 @@ class Program:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + bound
-        while marker.encode() not in self.stdout.splitlines():
+        # Whole lines only: a signal handler may print in the middle of one.
+        while marker.encode() not in self.stdout.rpartition(b"\n")[0].splitlines():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no {marker!r} line; stdout={self.stdout!r}")
@@ -240,15 +252,17 @@ class Program:
 
 
 @pytest.fixture
-def run_program(tmp_path: Path) -> Iterator[Callable[[str], Program]]:
-    script = tmp_path / "workflow.py"
-    script.write_text(SCRIPT)
+def run_program(tmp_path: Path) -> Iterator[Callable[..., Program]]:
+    """Start a script (SCRIPT unless told) with the given arguments; return
+    once it printed READY, with its recorded commands."""
     programs: list[Program] = []
 
-    def start(mode: str) -> Program:
+    def start(*args: str, script: str = SCRIPT) -> Program:
+        path = tmp_path / f"script-{len(programs)}.py"
+        path.write_text(script)
         directory = tmp_path / f"run-{len(programs)}"
         directory.mkdir()
-        program = Program(script, directory, mode)
+        program = Program(path, directory, *args)
         programs.append(program)
         program.wait_for_line("READY")
         program.record_commands()
@@ -381,3 +395,282 @@ def test_no_orphans_check_is_meaningful(run_program) -> None:
     program.finish()
     assert any(alive(p) for p in program.commands)
     assert "FINALLY" not in program.out
+
+
+APP_HANDLER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    from pathlib import Path
+
+    import psutil
+
+    from asyncflow import WorkflowEngine
+
+    directory, kind, when = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    pid_file = directory / "command.pid"
+    calls = 0
+
+
+    def command_alive():
+        try:
+            proc = psutil.Process(int(pid_file.read_text()))
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        called = asyncio.Event()
+
+        def on_sigint(*_):
+            global calls
+            calls += 1
+            print(f"APP SIGINT {calls} command_alive={command_alive()}", flush=True)
+            # A signal.signal handler may run while the loop sleeps in select.
+            loop.call_soon_threadsafe(called.set)
+
+        if kind == "signal.signal":
+            signal.signal(signal.SIGINT, on_sigint)
+        else:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+
+        flow = await WorkflowEngine.create()
+
+        @flow.executable_task
+        async def simulate():
+            tmp = f"{pid_file}.tmp"
+            return f"echo $$ > {tmp} && mv {tmp} {pid_file}; sleep 60"
+
+        run = simulate()
+        while not pid_file.exists():
+            await asyncio.sleep(0.01)
+        print("READY", flush=True)
+        if when == "after-shutdown":
+            while not (directory / "recorded").exists():  # the test's go-ahead
+                await asyncio.sleep(0.01)
+            await flow.shutdown()
+            print("SHUT DOWN", flush=True)
+        try:
+            await run
+        except asyncio.CancelledError:
+            pass
+        await called.wait()
+        called.clear()
+        print("AGAIN", flush=True)
+        await called.wait()
+        print("DONE", flush=True)
+
+
+    asyncio.run(main())
+    """
+)
+
+HANDLER_KINDS = ["signal.signal", "loop.add_signal_handler"]
+
+
+def sigint_twice_reaches_the_app(program: Program) -> None:
+    program.proc.send_signal(signal.SIGINT)
+    program.wait_for_line("APP SIGINT 1 command_alive=False")
+    program.wait_for_line("AGAIN")
+    program.proc.send_signal(signal.SIGINT)
+    program.wait_for_line("DONE")
+    program.finish()
+    assert program.proc.returncode == 0, program.err
+    lines = [line for line in program.out.splitlines() if line.startswith("APP")]
+    assert lines == [
+        "APP SIGINT 1 command_alive=False",
+        "APP SIGINT 2 command_alive=False",
+    ], program.out
+    survivors = [p.pid for p in program.commands if alive(p)]
+    assert not survivors, f"orphaned processes: {survivors}"
+
+
+@pytest.mark.parametrize("kind", HANDLER_KINDS)
+def test_own_sigint_handler_is_called_after_the_shutdown_and_stays(
+    run_program, kind
+) -> None:
+    """The first SIGINT stops the engine, then reaches the program's handler
+    (called once, with the command already gone); the next SIGINT reaches
+    the handler directly."""
+    program = run_program(kind, "during-the-run", script=APP_HANDLER_SCRIPT)
+    sigint_twice_reaches_the_app(program)
+    assert "shutting down 1 workflow engine" in program.err, program.err
+
+
+@pytest.mark.parametrize("kind", HANDLER_KINDS)
+def test_own_sigint_handler_is_restored_by_flow_shutdown(run_program, kind) -> None:
+    program = run_program(kind, "after-shutdown", script=APP_HANDLER_SCRIPT)
+    (program.directory / "recorded").touch()
+    program.wait_for_line("SHUT DOWN")
+    sigint_twice_reaches_the_app(program)
+    assert "shutting down 1 workflow engine" not in program.err, program.err
+
+
+HURRY_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from asyncflow import LocalExecutionBackend, WorkflowEngine
+
+    directory, pool = Path(sys.argv[1]), sys.argv[2]
+    # A graceful shutdown of this program would take an hour.
+    PATIENCE = 3600.0
+
+
+    def stuck():
+        # Thread work that nothing tells to stop.
+        (directory / "stuck.started").write_text("x")
+        while True:
+            time.sleep(0.05)
+
+
+    async def report_stopping(flow):
+        while not flow.is_shut_down:
+            await asyncio.sleep(0.01)
+        print("STOPPING", flush=True)
+
+
+    async def main():
+        # The default pool's threads are daemons; a ThreadPoolExecutor's
+        # are joined when the interpreter exits.
+        executor = ThreadPoolExecutor(4) if pool == "user-pool" else None
+        backend = LocalExecutionBackend(executor, shutdown_timeout=PATIENCE)
+        flow = await WorkflowEngine.create(backend=backend, shutdown_timeout=PATIENCE)
+
+        @flow.executable_task
+        async def simulate(i):
+            # Ignores SIGTERM: only a SIGKILL stops it.
+            tmp, pid = directory / f"sh{i}.tmp", directory / f"sh{i}.pid"
+            return f"trap '' TERM; echo $$ > {tmp} && mv {tmp} {pid}; sleep 60"
+
+        futs = [simulate(0), simulate(1), flow.function_task(stuck)()]
+        while (len(list(directory.glob("*.pid"))) < 2
+               or not (directory / "stuck.started").exists()):
+            await asyncio.sleep(0.01)
+        watcher = asyncio.create_task(report_stopping(flow))
+        print("READY", flush=True)
+        try:
+            await asyncio.gather(*futs)
+        finally:
+            print("FINALLY", flush=True)
+            await flow.shutdown()
+            print("SHUT DOWN", flush=True)
+            watcher.cancel()
+
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("pool", ["default-pool", "user-pool"])
+def test_second_sigint_during_the_shutdown_kills_the_work_and_exits(
+    run_program, pool
+) -> None:
+    """The first Ctrl-C starts a graceful shutdown that would wait an hour
+    (commands that ignore SIGTERM, a thread task that never returns); the
+    second one kills the running work and the program exits, leaving no
+    process behind."""
+    program = run_program(pool, script=HURRY_SCRIPT)
+    assert len(program.commands) >= 2
+    program.proc.send_signal(signal.SIGINT)
+    program.wait_for_line("STOPPING")
+    program.proc.send_signal(signal.SIGINT)
+    try:
+        program.finish()
+    except subprocess.TimeoutExpired:
+        pytest.fail("the second SIGINT did not end the program")
+    assert program.proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), (
+        program.proc.returncode,
+        program.err,
+    )
+    assert "killing the running work of 1 workflow engine" in program.err
+    assert "FINALLY" in program.out
+    survivors = [p.pid for p in program.commands if alive(p)]
+    assert not survivors, f"orphaned processes: {survivors}"
+
+
+LATE_ENGINE_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, threading
+
+    from asyncflow import WorkflowEngine
+
+    late_engine_created = threading.Event()
+
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        first = await WorkflowEngine.create()
+
+        @first.function_task
+        def hold():
+            # Keeps the first engine's graceful shutdown going until the
+            # second engine exists.
+            loop.call_soon_threadsafe(started.set)
+            late_engine_created.wait()
+
+        async def create_during_the_shutdown():
+            while not first.is_shut_down:
+                await asyncio.sleep(0.01)
+            late = await WorkflowEngine.create()
+            late_engine_created.set()
+            print(f"LATE ENGINE shut_down={late.is_shut_down}", flush=True)
+
+        creator = asyncio.create_task(create_during_the_shutdown())
+        running = hold()
+        await started.wait()
+        print("READY", flush=True)
+        await asyncio.gather(running, creator)
+        await asyncio.Event().wait()  # only the signal ends the program
+
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_an_engine_created_during_the_shutdown_is_shut_down_too(run_program) -> None:
+    program = run_program(script=LATE_ENGINE_SCRIPT)
+    program.proc.send_signal(signal.SIGINT)
+    program.wait_for_line("LATE ENGINE shut_down=True")
+    program.finish()
+    assert program.proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), (
+        program.proc.returncode,
+        program.err,
+    )
+
+
+@pytest.mark.parametrize("shut_down", [True, False], ids=["shut-down", "left-running"])
+def test_no_event_loop_outlives_its_run(shut_down) -> None:
+    """A signal-handling engine (main thread) must not keep its loop alive
+    after ``asyncio.run``, whether or not it was shut down."""
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    handles_signals: list[bool] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        # dry_run: no thread pool is left behind by the engine left running.
+        flow = await WorkflowEngine.create(dry_run=not shut_down)
+        handles_signals.append(flow._handles_signals)
+
+        @flow.function_task
+        def add(x: int) -> int:
+            return x + 1
+
+        await add(1)
+        if shut_down:
+            await flow.shutdown()
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for _ in range(2):
+        asyncio.run(main())
+    gc.collect()
+    assert handles_signals == [True, True]
+    assert [loop() for loop in loops] == [None, None]
+    after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert after == before

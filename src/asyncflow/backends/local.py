@@ -14,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 
+from .._signals import exit_past_stuck_threads
 from ..errors import WorkerLostError
 from ..tasks import TaskFuture, TaskKind, TaskState
 from ._pool import DaemonThreadPool
@@ -405,6 +406,9 @@ class LocalExecutionBackend(ExecutionBackend):
                 )
                 # Python joins a ThreadPoolExecutor's threads at exit.
                 self.abandoned_threads = isinstance(executor, ThreadPoolExecutor)
+                if self.abandoned_threads:
+                    threads = list(getattr(executor, "_threads", ()))
+                    exit_past_stuck_threads(threads)
         log.info("backend %r shut down", self.name)
 
 
