@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures.thread
 import contextlib
 import logging
 import os
@@ -56,6 +57,20 @@ def _loop_handler(loop: asyncio.AbstractEventLoop, sig: int) -> _LoopHandler | N
     if not callable(callback) or getattr(handle, "_cancelled", False):
         return None
     return _LoopHandler(callback, tuple(getattr(handle, "_args", None) or ()))
+
+
+def _of_a_finished_run(handler: Any) -> bool:
+    """Whether ``handler`` is the SIGINT handler of an ``asyncio.Runner.run``
+    call that has returned (the engine was shut down in a later ``run`` of
+    the same runner, as pytest-asyncio does): restoring it would leave a
+    handler that keeps that runner and its loop alive. ``remove_signal_handler``
+    has put the default back already."""
+    runner = getattr(asyncio, "Runner", None)  # Python 3.11+
+    owner = getattr(getattr(handler, "func", None), "__self__", None)
+    if runner is None or not isinstance(owner, runner):
+        return False
+    main_task = getattr(handler, "keywords", {}).get("main_task")
+    return main_task is None or bool(main_task.done())
 
 
 def _dispatched_by_a_loop(handler: Any) -> bool:
@@ -117,7 +132,7 @@ class _SignalHub:
                     self.loop.add_signal_handler(sig, handler.callback, *handler.args)
                 else:
                     self.loop.remove_signal_handler(sig)
-                    if handler is not None:
+                    if handler is not None and not _of_a_finished_run(handler):
                         signal.signal(sig, handler)
             except (RuntimeError, ValueError):  # loop closed or not main thread
                 pass
@@ -205,17 +220,42 @@ def exit_past_stuck_threads(threads: list[threading.Thread]) -> None:
     shutdown, stuck in blocking calls) still run.
 
     Past the shutdown bound nothing will stop them, and the interpreter would
-    wait for them for good. If any is still alive when the interpreter starts
-    waiting, the process ends there: status 1 after an uncaught exception,
-    else 0 (a ``sys.exit(n)`` status is not visible at that point).
+    wait for them for good. The hook runs when the interpreter starts waiting
+    for threads: it takes the stuck ones off the lists it waits on, so the
+    program exits with its own status. Where that is not possible (Python
+    3.13+ tracks threads in C), the process ends there with status 1 after an
+    uncaught exception, else 0.
     """
 
     def leave() -> None:
-        if any(thread.is_alive() for thread in threads):
+        stuck = [thread for thread in threads if thread.is_alive()]
+        if stuck and not _stop_waiting_for(stuck):
             failed = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
             _leave_now(1 if failed is not None else 0)
 
     _at_thread_exit(leave)
+
+
+def _stop_waiting_for(stuck: list[threading.Thread]) -> bool:
+    """Take ``stuck`` off what interpreter exit joins (Python <= 3.12)."""
+    locks = getattr(threading, "_shutdown_locks", None)
+    guard = getattr(threading, "_shutdown_locks_lock", None)
+    if locks is None or guard is None:
+        return False
+    with guard:
+        for thread in stuck:
+            locks.discard(getattr(thread, "_tstate_lock", None))
+    # concurrent.futures joins its workers in an exit hook of its own, which
+    # runs after this one.
+    queues = getattr(concurrent.futures.thread, "_threads_queues", None)
+    if queues is not None:
+        for thread in stuck:
+            queues.pop(thread, None)
+    log.warning(
+        "%d thread(s) stuck in blocking calls were abandoned; exiting without them",
+        len(stuck),
+    )
+    return True
 
 
 def _at_thread_exit(hook: Any) -> None:

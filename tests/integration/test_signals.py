@@ -674,3 +674,25 @@ def test_no_event_loop_outlives_its_run(shut_down) -> None:
     assert [loop() for loop in loops] == [None, None]
     after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert after == before
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "Runner"), reason="asyncio.Runner: 3.11+")
+def test_an_engine_shut_down_in_a_later_run_leaves_no_stale_handler() -> None:
+    """Created in one ``Runner.run`` and shut down in the next (as
+    pytest-asyncio does with fixtures): the first run's SIGINT handler,
+    which holds the runner and its loop, must not be put back."""
+    before = signal.getsignal(signal.SIGINT)
+    engines: list[WorkflowEngine] = []
+
+    async def create() -> None:
+        engines.append(await WorkflowEngine.create(dry_run=True))
+
+    with asyncio.Runner() as runner:
+        runner.run(create())
+        assert engines[0]._handles_signals
+        loop = weakref.ref(runner.get_loop())
+        runner.run(engines[0].shutdown())
+        assert signal.getsignal(signal.SIGINT) is before
+    del runner, engines
+    gc.collect()
+    assert loop() is None
