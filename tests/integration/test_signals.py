@@ -693,6 +693,7 @@ def test_an_engine_shut_down_in_a_later_run_leaves_no_stale_handler() -> None:
         loop = weakref.ref(runner.get_loop())
         runner.run(engines[0].shutdown())
         assert signal.getsignal(signal.SIGINT) is before
-    del runner, engines
+    engines.clear()
+    del runner
     gc.collect()
     assert loop() is None
