@@ -15,8 +15,8 @@ from types import TracebackType
 from typing import Any, Protocol, cast, overload
 
 from . import _signals
+from ._dispatch import Scheduler
 from ._log import configure_from_environment
-from ._scheduler import Scheduler
 from .backends.base import ExecutionBackend
 from .backends.local import LocalExecutionBackend
 from .backends.noop import NoopExecutionBackend

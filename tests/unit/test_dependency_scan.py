@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from asyncflow import TaskFuture
-from asyncflow._scheduler import _resolve, find_dependencies
+from asyncflow._graph import _resolve, find_dependencies
 
 
 def _done(value: object) -> TaskFuture:

@@ -1,0 +1,428 @@
+"""The task graph: registration, dependency counts, release and propagation.
+
+Everything here is synchronous and runs on the engine's loop thread. A task
+call registers a future and counts its unfinished dependencies; each
+finishing task decrements its dependents' counts and queues those that reach
+zero; a failure or cancellation travels down the graph. ``_finish`` and
+``_settle`` are the only places a task reaches a final state.
+
+The scheduler is one object per engine, its concerns split over three
+modules by inheritance (:class:`Graph` here, retries and timeouts in
+``_attempts``, dispatch to backends in ``_dispatch``): the hot path then
+reads plain attributes of one object, with no indirection between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from asyncio.events import _get_running_loop
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .errors import DependencyFailureError
+from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskState
+
+if TYPE_CHECKING:
+    from .backends.base import ExecutionBackend
+    from .checkpoint import CheckpointStore
+    from .engine import WorkflowEngine
+
+log = logging.getLogger("asyncflow.scheduler")
+
+PENDING = TaskState.PENDING
+RUNNING = TaskState.RUNNING
+DONE = TaskState.DONE
+FAILED = TaskState.FAILED
+CANCELLED = TaskState.CANCELLED
+_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+
+FUNCTION = TaskKind.FUNCTION
+EXECUTABLE = TaskKind.EXECUTABLE
+PROMPT = TaskKind.PROMPT
+BLOCK = TaskKind.BLOCK
+
+_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
+_set_result = asyncio.Future.set_result
+_set_exception = asyncio.Future.set_exception
+_future_cancel = asyncio.Future.cancel
+
+_NO_KWARGS: dict[str, Any] = {}
+
+
+def _scan(value: Any, found: list[TaskFuture]) -> None:
+    kind = type(value)
+    if kind is TaskFuture:
+        found.append(value)
+    elif kind in _CONTAINERS:
+        for item in value.values() if kind is dict else value:
+            if type(item) is TaskFuture:
+                found.append(item)
+
+
+def find_dependencies(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[TaskFuture] | None:
+    """Futures among the arguments, one level into list/tuple/set/dict values."""
+    found: list[TaskFuture] = []
+    for value in args:
+        _scan(value, found)
+    for value in kwargs.values():
+        _scan(value, found)
+    if not found:
+        return None
+    if len(found) > 1:
+        found = list(dict.fromkeys(found))
+    return found
+
+
+def _resolve(value: Any) -> Any:
+    kind = type(value)
+    if kind is TaskFuture:
+        return value.result()
+    if kind in _CONTAINERS:
+        if kind is dict:
+            if any(type(v) is TaskFuture for v in value.values()):
+                return {
+                    k: v.result() if type(v) is TaskFuture else v
+                    for k, v in value.items()
+                }
+        elif any(type(v) is TaskFuture for v in value):
+            return kind(v.result() if type(v) is TaskFuture else v for v in value)
+    return value
+
+
+def _names(tasks: Iterable[TaskFuture]) -> list[str]:
+    return [f"{t.name} ({t.uid})" for t in tasks]
+
+
+class Graph:
+    """Per-engine task graph bookkeeping."""
+
+    def __init__(
+        self,
+        engine: WorkflowEngine,
+        loop: asyncio.AbstractEventLoop,
+        default_backend: ExecutionBackend,
+    ) -> None:
+        self._engine = engine
+        self._loop = loop
+        self.default_backend = default_backend
+        self.block_var: contextvars.ContextVar[TaskFuture | None] = (
+            contextvars.ContextVar(f"asyncflow.block.{id(self):x}", default=None)
+        )
+        self.workflow_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f"asyncflow.workflow.{id(self):x}", default=None
+        )
+        self.live: set[TaskFuture] = set()
+        self.store: CheckpointStore | None = None
+        #: Resolved when ``live`` becomes empty (``async with`` waits on it).
+        self.idle: asyncio.Future[None] | None = None
+        self._store_warned = False
+        self.closing = False
+        self._counter = 0
+        self._ready: list[TaskFuture] = []
+        self._flush_scheduled = False
+        self._flushing = False
+        self._inbox: deque[tuple[TaskFuture, bool, Any]] = deque()
+        self._drain_scheduled = False
+        # Command bodies being evaluated, and the tasks called after the
+        # earliest of them, which wait for it (bodies run in call order).
+        self._preparing: set[TaskFuture] = set()
+        self._hold_after: int | None = None
+        self._held: list[TaskFuture] = []
+
+    # -- registration -------------------------------------------------------
+
+    def register(
+        self, definition: TaskDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskFuture:
+        name = definition.name
+        if _get_running_loop() is not self._loop:
+            raise RuntimeError(self._wrong_loop(name))
+        if self.closing:
+            raise RuntimeError(
+                f"cannot call task {name!r}: workflow engine {self._engine.uid!r} "
+                "has been shut down; create a new engine to run more work"
+            )
+        description = definition.description
+        workflow_id = self.workflow_var.get()
+        if kwargs:
+            if "task_description" in kwargs:
+                extra = kwargs.pop("task_description")
+                if extra is not None:
+                    if not isinstance(extra, dict):
+                        raise TypeError(
+                            f"task {name!r}: task_description must be a dict, "
+                            f"got {type(extra).__name__}"
+                        )
+                    description = {**description, **extra}
+            if "workflow_id" in kwargs:
+                workflow_id = kwargs.pop("workflow_id")
+        deps = find_dependencies(args, kwargs) if args or kwargs else None
+        if deps is not None:
+            for dep in deps:
+                if dep._engine is not self._engine:
+                    raise ValueError(
+                        f"task {name!r} was given the future of {dep.name!r} "
+                        f"({dep.uid}) from another WorkflowEngine; dependencies "
+                        "must come from the same engine"
+                    )
+
+        self._counter += 1
+        task = TaskFuture(loop=self._loop)
+        task._seq = self._counter
+        task.uid = (
+            f"{'block' if definition.kind is BLOCK else 'task'}.{self._counter:06d}"
+        )
+        task.name = name
+        task.state = PENDING
+        task.args = args
+        task.kwargs = kwargs
+        task.workflow_id = workflow_id
+        task._engine = self._engine
+        task._definition = definition
+        task._description = description
+        task._dependents = None
+        task._members = None
+        task._handle = None
+        task._command = None
+        task._deps = deps
+        task._waiting = 0
+        task._timer = None
+        task._key = None
+        task.attempts = 0
+        task.restored = False
+        block = self.block_var.get()
+        task._block = block
+        if block is not None:
+            if block._members is None:
+                block._members = set()
+            block._members.add(task)
+        self.live.add(task)
+
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "registered %s %r depends on %s",
+                task.uid,
+                name,
+                _names(deps) if deps else "nothing",
+            )
+
+        if deps is None:
+            self._release(task)
+            return task
+        failed = cancelled = None
+        for dep in deps:
+            state = dep.state
+            if state is DONE:
+                continue
+            if state is FAILED:
+                failed = dep
+            elif state is CANCELLED:
+                cancelled = dep
+            else:
+                task._waiting += 1
+                if dep._dependents is None:
+                    dep._dependents = [task]
+                else:
+                    dep._dependents.append(task)
+        if failed is not None:
+            self._finish(task, FAILED, self._dependency_error(task, failed))
+        elif cancelled is not None:
+            self._finish(task, CANCELLED, self._cancel_message(cancelled))
+        elif task._waiting == 0:
+            self._release(task)
+        return task
+
+    def _wrong_loop(self, name: str) -> str:
+        where = (
+            "in another thread (a plain `def` task body runs in a worker thread)"
+            if _get_running_loop() is None
+            else "on another event loop (an `async def` body in a thread or "
+            "process pool runs on the worker's own loop)"
+        )
+        return (
+            f"cannot call task {name!r} {where}: tasks of workflow engine "
+            f"{self._engine.uid!r} are called on the engine's event loop. To "
+            "orchestrate tasks from inside a task, make it a @flow.block (an "
+            "`async def` that runs on the engine's loop); from another thread, "
+            "use asyncio.run_coroutine_threadsafe(...) with a coroutine that "
+            "calls the task"
+        )
+
+    def _release(self, task: TaskFuture) -> None:
+        self._ready.append(task)
+        if not (self._flush_scheduled or self._flushing):
+            try:
+                self._loop.call_soon(self._flush)
+            except RuntimeError:
+                self._ready.remove(task)
+                self.live.discard(task)
+                raise RuntimeError(
+                    f"cannot call task {task.name!r}: the event loop of workflow "
+                    f"engine {self._engine.uid!r} is closed; create the engine "
+                    "inside the asyncio.run(...) that uses it"
+                ) from None
+            self._flush_scheduled = True
+
+    # -- completion and propagation --------------------------------------------
+
+    def _finish(self, task: TaskFuture, state: TaskState, value: Any) -> None:
+        """Settle a task and release (DONE) or settle (otherwise) its dependents."""
+        if task.state in _TERMINAL:
+            return
+        debug = log.isEnabledFor(logging.DEBUG)
+        self._settle(task, state, value, debug)
+        dependents = task._dependents
+        if dependents is None:
+            return
+        task._dependents = None
+        if state is DONE:
+            for dep in dependents:
+                if dep.state is PENDING:
+                    dep._waiting -= 1
+                    if dep._waiting == 0:
+                        # Every caller that can settle a task DONE flushes
+                        # the ready list right after.
+                        self._ready.append(dep)
+            return
+        # A failure or cancellation travels down the graph: iteratively, since
+        # a chain may be far longer than the recursion limit.
+        upstream = [(task, dependents)]
+        while upstream:
+            task, dependents = upstream.pop()
+            if task.state is FAILED:
+                # Its error lives on in the dependents' errors: asyncio
+                # reports an unretrieved one at the end of the chain.
+                task._log_traceback = False
+            else:
+                message = self._cancel_message(task)
+            for dep in dependents:
+                if dep.state is not PENDING:
+                    continue
+                if task.state is FAILED:
+                    self._settle(dep, FAILED, self._dependency_error(dep, task), debug)
+                else:
+                    self._settle(dep, CANCELLED, message, debug)
+                if dep._dependents is not None:
+                    upstream.append((dep, dep._dependents))
+                    dep._dependents = None
+
+    def _settle(
+        self, task: TaskFuture, state: TaskState, value: Any, debug: bool
+    ) -> None:
+        task.state = state
+        if task._timer is not None:
+            task._timer.cancel()
+            task._timer = None
+        if state is DONE:
+            _set_result(task, value)
+            if task._key is not None:
+                store = self.store
+                if store is not None:
+                    try:
+                        store.store(task._key, task, value)
+                    except Exception as exc:  # never let the store wedge the run
+                        self._store_failed(exc)
+                task._key = None
+        elif state is FAILED:
+            if not isinstance(value, Exception) or isinstance(value, StopIteration):
+                # SystemExit & co. would tear down whoever awaits the future.
+                wrapped = RuntimeError(f"task {task.name!r} raised {value!r}")
+                if isinstance(value, BaseException):
+                    wrapped.__cause__ = value
+                value = wrapped
+            _set_exception(task, value)
+        else:
+            _future_cancel(task, value)
+        live = self.live
+        live.discard(task)
+        if not live and self.idle is not None:
+            self.wake_idle()
+        block = task._block
+        if block is not None:
+            task._block = None
+            if block._members is not None:
+                block._members.discard(task)
+        task._deps = None
+        task._handle = None
+        # Drop the inputs: a finished future must not keep them alive.
+        task.args = ()
+        task.kwargs = _NO_KWARGS
+        if debug:
+            if state is FAILED:
+                log.debug(
+                    "%s %r FAILED", task.uid, task.name, exc_info=task.exception()
+                )
+            else:
+                log.debug("%s %r %s", task.uid, task.name, state.value)
+
+    def _dependency_error(
+        self, task: TaskFuture, failed: TaskFuture
+    ) -> DependencyFailureError:
+        error = failed.exception()
+        root = error.root_cause if isinstance(error, DependencyFailureError) else error
+        failed_deps = [d for d in task._deps or () if d.state is FAILED] or [failed]
+        names = [d.name for d in failed_deps]
+        return DependencyFailureError(
+            f"task {task.name!r} ({task.uid}) did not run: its dependency "
+            f"{', '.join(map(repr, names))} failed ({type(root).__name__}: {root})",
+            failed_dependencies=names,
+            root_cause=root,
+        )
+
+    @staticmethod
+    def _cancel_message(dep: TaskFuture) -> str:
+        return f"dependency {dep.name!r} ({dep.uid}) was cancelled"
+
+    # -- cancellation -----------------------------------------------------------
+
+    def cancel(self, task: TaskFuture, msg: Any | None) -> None:
+        if task.state is RUNNING:
+            self.stop_work(task)
+            self._cancel_members(task, msg)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("cancelling %s %r", task.uid, task.name)
+        self._finish(task, CANCELLED, msg)
+
+    @staticmethod
+    def _cancel_members(block: TaskFuture, msg: Any | None) -> None:
+        members = block._members
+        if members:
+            for member in list(members):
+                member.cancel(msg)
+
+    def cancel_all(self, msg: str) -> list[TaskFuture]:
+        """Settle every unfinished task as CANCELLED (work already stopped);
+        return them in call order."""
+        unfinished = sorted(
+            (t for t in self.live if t.state not in _TERMINAL), key=lambda t: t._seq
+        )
+        for task in unfinished:
+            self._finish(task, CANCELLED, msg)
+        return unfinished
+
+    def wake_idle(self) -> None:
+        idle = self.idle
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+    def running(self) -> list[TaskFuture]:
+        return [t for t in self.live if t.state is RUNNING]
+
+    # -- provided by the subclasses (_attempts, _dispatch) -----------------------
+
+    def _flush(self) -> None:
+        """Hand the ready tasks to their backends."""
+        raise NotImplementedError
+
+    def stop_work(self, task: TaskFuture) -> None:
+        """Ask whoever runs a RUNNING task to stop it."""
+        raise NotImplementedError
+
+    def _store_failed(self, exc: BaseException) -> None:
+        """Report a checkpoint fault (once) and go on."""
+        raise NotImplementedError
