@@ -132,6 +132,32 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group(
+        "W1 observed",
+        "W1",
+        "the same 10,000 no-op def tasks watched: a trace file, a progress "
+        "display (stderr to a file), and neither",
+        TASKS_PER_S,
+        (
+            Case("asyncflow", 10_000, "def", 200, label="AsyncFlow (ours), plain"),
+            Case(
+                "asyncflow",
+                10_000,
+                "def-trace",
+                200,
+                label="AsyncFlow (ours), trace",
+                note="every event written to a JSON-lines file",
+            ),
+            Case(
+                "asyncflow",
+                10_000,
+                "def-progress",
+                200,
+                label="AsyncFlow (ours), progress",
+                note="plain-line mode (stderr is not a terminal)",
+            ),
+        ),
+    ),
+    Group(
         "W2 threads",
         "W2",
         "chain: 1,000 tasks each depending on the previous, 4 threads",
@@ -526,6 +552,28 @@ TARGETS: tuple[Target, ...] = (
         "W4 1M: peak RSS <= 1.5 GB (1,430 MiB)",
         lambda q: _at_most(1.5e9 / 2**20)(q("W4 1M", "asyncflow", "", "peak_rss_mb")),
         lambda v: f"{v:,.0f} MiB",
+    ),
+    Target(
+        "W1",
+        "W1 with a trace file: throughput >= 90% of the same run without",
+        lambda q: _at_least(0.9)(
+            _ratio(
+                q("W1 observed", "asyncflow", "def-trace"),
+                q("W1 observed", "asyncflow", "def"),
+            )
+        ),
+        _times,
+    ),
+    Target(
+        "W1",
+        "W1 with progress on: throughput >= 85% of the same run without",
+        lambda q: _at_least(0.85)(
+            _ratio(
+                q("W1 observed", "asyncflow", "def-progress"),
+                q("W1 observed", "asyncflow", "def"),
+            )
+        ),
+        _times,
     ),
     Target(
         "W4",

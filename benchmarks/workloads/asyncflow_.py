@@ -35,9 +35,22 @@ async def _engine(variant: str) -> WorkflowEngine:
 
 
 async def wide(size: int, variant: str) -> dict[str, Any]:
-    """W1: independent no-op tasks on a thread pool."""
+    """W1: independent no-op tasks on a thread pool.
+
+    Variants ``def-trace`` and ``def-progress`` watch the same run with a
+    trace file (in the run's scratch directory) or the progress display.
+    """
     probe = Probe()
-    flow = await _engine("threads")
+    if variant in ("def-trace", "def-progress"):
+        backend = await LocalExecutionBackend(ThreadPoolExecutor(THREADS))
+        flow = await WorkflowEngine.create(
+            backend=backend,
+            trace=Path("w1-trace.jsonl").resolve() if variant == "def-trace" else None,
+            progress=variant == "def-progress",
+        )
+        variant = "def"
+    else:
+        flow = await _engine("threads")
     if variant == "def":
 
         @flow.function_task

@@ -25,6 +25,7 @@ from .errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
+from .events import TaskEvent
 from .tasks import TaskFuture, TaskKind, TaskOptions, TaskState
 
 try:
@@ -45,6 +46,7 @@ __all__ = [
     "RhapsodyBackend",
     "Task",
     "TaskDecorator",
+    "TaskEvent",
     "TaskFuture",
     "TaskKind",
     "TaskOptions",

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import time
 from typing import Any
 
 from ._graph import BLOCK, DONE, FAILED, RUNNING, Graph, log
@@ -119,6 +120,18 @@ class Attempts(Graph):
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None
+        if self.observers.active:
+            started = task.started_at
+            ended = task.finished_at  # noted by a worker thread, if any
+            if ended is None or started is None or ended < started:
+                ended = time.time()
+            self._event(
+                "retried",
+                task,
+                ended,
+                error=error,
+                duration=ended - started if started is not None else None,
+            )
         # The next attempt's number is taken now: late reports of this one
         # are stale from here on, and backends drop them.
         task.attempts += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import time as _time
 from typing import TYPE_CHECKING, Any
 
 from ._attempts import Attempts
@@ -101,8 +102,13 @@ class Scheduler(Attempts):
     def _submit(
         self, backend: ExecutionBackend, tasks: list[TaskFuture], debug: bool
     ) -> None:
-        if debug:
-            for task in tasks:
+        now = _time()
+        observed = self.observers.active
+        for task in tasks:
+            task.submitted_at = now
+            if observed:
+                self._event("submitted", task, now)
+            if debug:
                 log.debug(
                     "submitted %s %r to backend %r", task.uid, task.name, backend.name
                 )
@@ -208,6 +214,9 @@ class Scheduler(Attempts):
         )
 
     def _start_block(self, block: TaskFuture) -> None:
+        block.submitted_at = block.started_at = now = _time()
+        if self.observers.active:
+            self._event("started", block, now)
         block._handle = self._loop.create_task(self._run_block(block, block.attempts))
         if block._definition.reliability is not None:
             self._arm_timeout(block)
@@ -238,11 +247,16 @@ class Scheduler(Attempts):
     # -- TaskReporter ---------------------------------------------------------
 
     def started(self, task: TaskFuture, attempt: int) -> None:
-        if (
-            task.state is RUNNING
-            and task.attempts == attempt
-            and task._definition.reliability is not None
-        ):
+        if task.state is not RUNNING or task.attempts != attempt:
+            return
+        started = task.started_at
+        submitted = task.submitted_at
+        if started is None or (submitted is not None and started < submitted):
+            # Not yet noted by the worker for this attempt.
+            task.started_at = started = _time()
+        if self.observers.active:
+            self._event("started", task, started)
+        if task._definition.reliability is not None:
             if task._timer is not None:  # started again (its worker was lost)
                 task._timer.cancel()
             self._arm_timeout(task)
@@ -277,12 +291,18 @@ class Scheduler(Attempts):
         inbox = self._inbox
         closing = self.closing
         finish = self._finish
+        observed = self.observers.active
         while inbox:
             task, ok, value = inbox.popleft()
+            if ok is _STARTED:
+                self.started(task, value)
+                continue
+            if observed and task._definition.reliability is None:
+                # The worker noted the start time without a report of its
+                # own: the started event goes out now, with that time.
+                self.started(task, task.attempts)
             if ok is True:
                 finish(task, DONE, value)
-            elif ok is _STARTED:
-                self.started(task, value)
             elif closing:
                 continue  # work stopped by the shutdown: it ends CANCELLED
             else:

@@ -20,9 +20,11 @@ import logging
 from asyncio.events import _get_running_loop
 from collections import deque
 from collections.abc import Iterable
+from time import time as _time
 from typing import TYPE_CHECKING, Any
 
 from .errors import DependencyFailureError
+from .events import Observers
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskState
 
 if TYPE_CHECKING:
@@ -117,6 +119,7 @@ class Graph:
             f"asyncflow.workflow.{id(self):x}", default=None
         )
         self.live: set[TaskFuture] = set()
+        self.observers = Observers(loop)
         self.store: CheckpointStore | None = None
         #: Resolved when ``live`` becomes empty (``async with`` waits on it).
         self.idle: asyncio.Future[None] | None = None
@@ -195,6 +198,7 @@ class Graph:
         task._key = None
         task.attempts = 0
         task.restored = False
+        task.submitted_at = task.started_at = task.finished_at = None
         block = self.block_var.get()
         task._block = block
         if block is not None:
@@ -202,6 +206,16 @@ class Graph:
                 block._members = set()
             block._members.add(task)
         self.live.add(task)
+        if self.observers.active:
+            self._event(
+                "created",
+                task,
+                extra=(
+                    block.uid if block is not None else None,
+                    tuple(d.uid for d in deps) if deps else (),
+                    definition.kind.value,
+                ),
+            )
 
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -253,7 +267,33 @@ class Graph:
             "calls the task"
         )
 
+    def _event(
+        self,
+        kind: str,
+        task: TaskFuture,
+        when: float | None = None,
+        duration: float | None = None,
+        error: Any = None,
+        extra: Any = None,
+    ) -> None:
+        observers = self.observers
+        observers.pending.append(
+            (
+                kind,
+                _time() if when is None else when,
+                task,
+                task.attempts,
+                duration,
+                error,
+                extra,
+            )
+        )
+        if not observers._scheduled:
+            observers.schedule()
+
     def _release(self, task: TaskFuture) -> None:
+        if self.observers.active:
+            self._event("ready", task)
         self._ready.append(task)
         if not (self._flush_scheduled or self._flushing):
             try:
@@ -288,6 +328,8 @@ class Graph:
                         # Every caller that can settle a task DONE flushes
                         # the ready list right after.
                         self._ready.append(dep)
+                        if self.observers.active:
+                            self._event("ready", dep)
             return
         # A failure or cancellation travels down the graph: iteratively, since
         # a chain may be far longer than the recursion limit.
@@ -315,9 +357,23 @@ class Graph:
         self, task: TaskFuture, state: TaskState, value: Any, debug: bool
     ) -> None:
         task.state = state
+        ended = task.finished_at
+        started = task.started_at
+        if ended is None or started is None or ended < started:
+            # No end time noted by a worker for this attempt.
+            ended = _time()
+        task.finished_at = now = ended
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None
+        if self.observers.active:
+            self._event(
+                "restored" if task.restored else state.value.lower(),
+                task,
+                now,
+                duration=now - started if started is not None else None,
+                error=value if state is not DONE else None,
+            )
         if state is DONE:
             _set_result(task, value)
             if task._key is not None:

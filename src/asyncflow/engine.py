@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, cast, overload
+from typing import TYPE_CHECKING, Any, Protocol, cast, overload
 
 from . import _signals
 from ._dispatch import Scheduler
@@ -22,9 +22,14 @@ from .backends.local import LocalExecutionBackend
 from .backends.noop import NoopExecutionBackend
 from .backends.rhapsody import adapt
 from .checkpoint import CheckpointStore
+from .events import TaskEvent
+from .observers.trace import TraceWriter
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskOptions, task_name
 
 __all__ = ["Task", "TaskDecorator", "WorkflowEngine"]
+
+if TYPE_CHECKING:
+    from .observers.otel import Telemetry
 
 log = logging.getLogger("asyncflow.engine")
 
@@ -80,6 +85,9 @@ class WorkflowEngine:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._settled = False
         self._handles_signals = False
+        #: Observers the engine made (trace, progress, ...), closed at the end.
+        self._builtins: list[Any] = []
+        self._graph: Any = None
 
     # -- creation -------------------------------------------------------------
 
@@ -92,6 +100,9 @@ class WorkflowEngine:
         work_dir: str | os.PathLike[str] | None = None,
         *,
         checkpoint: str | os.PathLike[str] | None = None,
+        trace: str | os.PathLike[str] | None = None,
+        progress: bool = False,
+        graph: bool = False,
         shutdown_timeout: float = 30.0,
         handle_signals: bool = True,
     ) -> WorkflowEngine:
@@ -102,7 +113,12 @@ class WorkflowEngine:
         :class:`NoopExecutionBackend` and ``dry_run=False`` a thread pool.
         ``checkpoint`` names a SQLite file that keeps every task result, so
         that re-running the same workflow skips the tasks that finished
-        before (see :mod:`asyncflow.checkpoint`). ``shutdown_timeout`` bounds
+        before (see :mod:`asyncflow.checkpoint`). ``trace`` names a file that
+        receives every task event as a JSON line (see
+        :mod:`asyncflow.observers.trace`). ``progress=True`` shows a live
+        progress display (extra ``rich``; plain lines when stderr is not a
+        terminal) and a summary at the end. ``graph=True`` records the task
+        graph for :meth:`graph`. ``shutdown_timeout`` bounds
         :meth:`shutdown`. With ``handle_signals`` (main thread only),
         SIGINT/SIGTERM shut the engine down gracefully.
         """
@@ -116,15 +132,46 @@ class WorkflowEngine:
             shutdown_timeout=shutdown_timeout,
             _token=_CREATE_TOKEN,
         )
-        if checkpoint is not None:
-            # Opening checks the file's integrity: keep the loop free meanwhile.
-            engine._scheduler.store = await asyncio.to_thread(
-                CheckpointStore, checkpoint
-            )
-        for b in backends:
-            await b.attach(engine._scheduler)
-        if handle_signals:
-            engine._handles_signals = _signals.register(engine, engine.loop)
+        try:
+            if checkpoint is not None:
+                # Opening checks the file's integrity: keep the loop free meanwhile.
+                engine._scheduler.store = await asyncio.to_thread(
+                    CheckpointStore, checkpoint
+                )
+            if trace is not None:
+                engine._add_builtin(
+                    TraceWriter(
+                        trace,
+                        engine.loop,
+                        {
+                            "engine": engine.uid,
+                            "run_id": engine.run_id,
+                            "backends": [b.name for b in backends],
+                        },
+                    )
+                )
+            if progress:
+                from .observers.progress import ProgressDisplay
+
+                engine._add_builtin(ProgressDisplay(engine))
+            if graph:
+                from .graph import GraphRecorder
+
+                engine._graph = GraphRecorder()
+                engine._add_builtin(engine._graph)
+            for b in backends:
+                await b.attach(engine._scheduler)
+            if handle_signals:
+                engine._handles_signals = _signals.register(engine, engine.loop)
+        except BaseException:
+            # Nothing of a half-made engine may outlive it (a trace file, the
+            # progress display's timer and log filter, the store's thread).
+            engine._close_observers()
+            store = engine._scheduler.store
+            if store is not None:
+                engine._scheduler.store = None
+                store.close()
+            raise
         log.info(
             "engine %s started with backend(s) %s",
             engine.uid,
@@ -166,6 +213,87 @@ class WorkflowEngine:
                 )
             names.add(b.name)
         return given
+
+    # -- events -------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[TaskEvent], Any]) -> Callable[[], None]:
+        """Call ``callback`` with every :class:`~asyncflow.TaskEvent` from now on.
+
+        A plain callable runs on the engine's loop, in batches once per loop
+        iteration, and must be quick; an ``async def`` one runs in a task of
+        its own. One that raises is detached with a WARNING; the run goes on.
+        Returns a function that unsubscribes.
+        """
+        return self._scheduler.observers.add(callback)
+
+    def graph(self, format: str = "mermaid") -> str:
+        """The task graph recorded so far, with each task's state, as Mermaid
+        (``format="mermaid"``) or Graphviz DOT (``format="dot"``) text.
+
+        Needs ``WorkflowEngine.create(graph=True)``, which records every task
+        and dependency from the start (it costs memory per task).
+        """
+        if self._graph is None:
+            raise RuntimeError(
+                "this engine does not record its task graph: create it with "
+                "`await WorkflowEngine.create(..., graph=True)` to use flow.graph()"
+            )
+        from .graph import render
+
+        self._scheduler.observers.deliver()  # what happened this loop step too
+        return render(self._graph, format)
+
+    async def start_telemetry(
+        self,
+        resource_poll_interval: float = 5.0,
+        checkpoint_interval: float | None = None,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        span_processors: Sequence[Any] | None = None,
+        metric_readers: Sequence[Any] | None = None,
+        resource: Any = None,
+        *,
+        exporter: Any = None,
+        endpoint: str | None = None,
+        service_name: str | None = None,
+        tracer_provider: Any = None,
+    ) -> Telemetry:
+        """Export one OpenTelemetry span per task from now on (extra ``otel``).
+
+        The positional parameters are RADICAL AsyncFlow 0.6's, in its order;
+        ``exporter`` (``"console"``, ``"memory"``, ``"otlp"``, or a
+        ``SpanExporter``), ``endpoint``, ``service_name`` and
+        ``tracer_provider`` choose where spans go. See docs/telemetry.md.
+        """
+        from .observers.otel import start_telemetry
+
+        return await start_telemetry(
+            self,
+            resource_poll_interval,
+            checkpoint_interval,
+            checkpoint_path,
+            span_processors,
+            metric_readers,
+            resource,
+            exporter=exporter,
+            endpoint=endpoint,
+            service_name=service_name,
+            tracer_provider=tracer_provider,
+        )
+
+    def _add_builtin(self, observer: Any) -> Callable[[], None]:
+        """Add an observer the engine closes at shutdown; returns its remover."""
+        remove = self._scheduler.observers.add(observer)
+        self._builtins.append(observer)
+        return remove
+
+    def _close_observers(self) -> None:
+        self._scheduler.observers.deliver()
+        for observer in self._builtins:
+            try:
+                observer.close()
+            except Exception:
+                log.warning("observer %r failed to close", observer, exc_info=True)
+        self._builtins.clear()
 
     # -- properties -----------------------------------------------------------
 
@@ -285,6 +413,7 @@ class WorkflowEngine:
                 log.warning("checkpoint %s failed to close", store.path, exc_info=True)
         if settle:
             self._settle_all()
+            await scheduler.observers.drain(timeout=5.0)
 
     def _settle_all(self) -> None:
         scheduler = self._scheduler
@@ -292,6 +421,7 @@ class WorkflowEngine:
             return
         self._settled = True
         cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
+        self._close_observers()
         if cancelled:
             shown = ", ".join(f"{t.name} ({t.uid})" for t in cancelled[:5])
             more = f" and {len(cancelled) - 5} more" if len(cancelled) > 5 else ""

@@ -222,10 +222,13 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "_waiting",
         "args",
         "attempts",
+        "finished_at",
         "kwargs",
         "name",
         "restored",
+        "started_at",
         "state",
+        "submitted_at",
         "uid",
         "workflow_id",
     )
@@ -241,6 +244,12 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     (already the next one while a retry waits for its delay)."""
     restored: bool
     """True when the result came from the engine's checkpoint, not a run."""
+    submitted_at: float | None
+    """Epoch seconds when the (current) attempt was handed to its backend."""
+    started_at: float | None
+    """Epoch seconds when the (current) attempt started running."""
+    finished_at: float | None
+    """Epoch seconds when the task reached its final state."""
     _engine: WorkflowEngine
     _definition: TaskDefinition
     _description: dict[str, Any]

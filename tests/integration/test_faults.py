@@ -558,3 +558,41 @@ def test_a_stuck_thread_of_a_user_pool_does_not_block_exit(
     assert done.returncode == status, done.stderr
     assert "shut down" in done.stdout
     assert "abandoned" in done.stderr
+
+
+def test_shutdown_right_after_an_async_body_was_submitted_stops_it(
+    tmp_path: Path,
+) -> None:
+    # The body may not have reached its worker thread when the shutdown
+    # cancels it: the cancel must still reach it there.
+    script = tmp_path / "race.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            from asyncflow import WorkflowEngine
+
+            async def main():
+                for _ in range(10):
+                    flow = await WorkflowEngine.create(handle_signals=False)
+
+                    @flow.function_task
+                    async def wait_forever():
+                        await asyncio.sleep(3600)
+
+                    wait_forever()
+                    await asyncio.sleep(0)
+                    await flow.shutdown()
+                print("all shut down", flush=True)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "all shut down" in done.stdout
+    assert "abandoned" not in done.stderr
+    assert "running event loop" not in done.stderr

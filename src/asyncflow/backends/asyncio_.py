@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import partial
@@ -19,6 +20,7 @@ __all__ = ["AsyncioExecutionBackend"]
 
 
 def _started_then_call(reporter: TaskReporter, task: TaskFuture, attempt: int) -> Any:
+    task.started_at = time.time()
     if task._definition.reliability is not None:
         reporter.started_threadsafe(task, attempt)
     return task._definition.function(*task.args, **task.kwargs)
@@ -81,7 +83,12 @@ class AsyncioExecutionBackend(ExecutionBackend):
                     )
                 call = partial(_started_then_call, reporter, task, attempt)
                 pending = self._threads.submit(call)
-                value = await asyncio.wrap_future(pending)
+                try:
+                    value = await asyncio.wrap_future(pending)
+                finally:
+                    if definition.reliability is None and task.started_at:
+                        # At the time the thread noted (no report of its own).
+                        reporter.started(task, attempt)
         except asyncio.CancelledError:
             if pending is not None and not pending.done():
                 # A thread cannot be stopped: the attempt lasts until its body

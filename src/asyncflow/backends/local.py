@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from time import time as _time
 from typing import Any
 
 import cloudpickle
@@ -59,16 +60,21 @@ def _call_in_thread(
     attempt: int,
     reporter: TaskReporter,
     coroutines: _Coroutines,
+    stops: set[TaskFuture],
 ) -> None:
     if (
         task.state is not _RUNNING
         or task.attempts != attempt
         or task._engine._scheduler.closing
     ):  # cancelled, retried or shut down while queued
+        stops.discard(task)
         return
     log_started(task)
     definition = task._definition
     report = reporter.report_threadsafe
+    # Reported at once only when a timeout must start; otherwise the engine
+    # reads the time when the outcome arrives.
+    task.started_at = _time()
     if definition.reliability is not None:
         reporter.started_threadsafe(task, attempt)
     try:
@@ -76,10 +82,16 @@ def _call_in_thread(
             loop = _worker_loop()
             runner = loop.create_task(definition.function(*task.args, **task.kwargs))
             # Registered for cancel(); checked again after, since a cancel may
-            # have come between the state check above and this line.
+            # have come between the state check above and this line (it then
+            # left its request in ``stops``).
             coroutines[task] = (loop, runner)
             try:
-                if task.state is not _RUNNING or task.attempts != attempt:
+                if (
+                    task in stops
+                    or task.state is not _RUNNING
+                    or task.attempts != attempt
+                    or task._engine._scheduler.closing
+                ):
                     runner.cancel()
                 value = loop.run_until_complete(runner)
             finally:
@@ -87,10 +99,15 @@ def _call_in_thread(
         else:
             value = definition.function(*task.args, **task.kwargs)
     except BaseException as exc:  # a bad body must not kill the worker thread
+        stops.discard(task)
         if task.attempts == attempt:
+            task.finished_at = _time()
             report(task, False, exc)
     else:
+        stops.discard(task)
         if task.attempts == attempt:  # else: an attempt the engine gave up on
+            # When the work ended, not when the loop gets to the report.
+            task.finished_at = _time()
             report(task, True, value)
 
 
@@ -184,6 +201,8 @@ class LocalExecutionBackend(ExecutionBackend):
         self._subprocesses = SubprocessRunner(self.max_workers)
         # async bodies running in worker threads, for cancel()
         self._coroutines: _Coroutines = {}
+        # Cancels that found no coroutine yet: its worker checks here.
+        self._stops: set[TaskFuture] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         # Process pools: tasks waiting for a worker, tasks in one, and tasks
@@ -218,7 +237,12 @@ class LocalExecutionBackend(ExecutionBackend):
                     self._queued.append((task, task.attempts))
                 else:
                     task._handle = submit(  # type: ignore[misc]
-                        _call_in_thread, task, task.attempts, reporter, self._coroutines
+                        _call_in_thread,
+                        task,
+                        task.attempts,
+                        reporter,
+                        self._coroutines,
+                        self._stops,
                     )
             except Exception as exc:
                 reporter.failed(task, exc)
@@ -351,8 +375,12 @@ class LocalExecutionBackend(ExecutionBackend):
                 if handle in self._in_flight and not handle.done():
                     self._kill_pool(handle)
                 return
+            if handle.done():
+                return
             running = self._coroutines.get(task)
-            if running is not None:  # an async body: cancel it in its thread
+            if running is None:  # not registered yet, or a plain body
+                self._stops.add(task)
+            else:  # an async body: cancel it in its thread
                 loop, runner = running
                 try:
                     loop.call_soon_threadsafe(runner.cancel)
@@ -371,6 +399,7 @@ class LocalExecutionBackend(ExecutionBackend):
     async def shutdown(self) -> None:
         self._closed = True
         self._queued.clear()
+        self._stops.clear()
         await self._subprocesses.shutdown()
         executor = self.executor
         # Read before shutdown(wait=False), which forgets both.

@@ -1,0 +1,293 @@
+"""Task lifecycle events: what the engine tells observers.
+
+The scheduler records a :class:`TaskEvent` at every step of a task's life and
+hands them, in batches once per loop iteration, to the engine's observers:
+the trace file, the progress display, telemetry and the callables given to
+:meth:`WorkflowEngine.subscribe <asyncflow.WorkflowEngine.subscribe>`. With
+no observer, nothing is recorded.
+
+An observer that raises is detached and reported once; it never affects the
+run. A synchronous observer runs on the engine's loop and must be quick; an
+``async def`` observer runs in a task of its own, fed through a bounded
+queue, so a slow one only falls behind (and is detached, with a warning, if
+it falls more than :data:`ASYNC_BACKLOG` events behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+__all__ = ["ASYNC_BACKLOG", "EVENT_KINDS", "TaskEvent"]
+
+log = logging.getLogger("asyncflow.events")
+
+#: Every ``TaskEvent.kind``, in the order a task can go through them.
+EVENT_KINDS = (
+    "created",
+    "ready",
+    "submitted",
+    "started",
+    "retried",
+    "done",
+    "failed",
+    "cancelled",
+    "restored",
+)
+#: The kinds that end a task: exactly one of them per task.
+FINAL_KINDS = frozenset({"done", "failed", "cancelled", "restored"})
+
+#: Events an ``async def`` observer may fall behind before it is detached.
+ASYNC_BACKLOG = 100_000
+
+
+class TaskEvent(NamedTuple):
+    """One step in a task's life.
+
+    ``kind`` is one of :data:`EVENT_KINDS`. ``time`` is the epoch second it
+    happened. ``attempt`` is the attempt the event belongs to (0 before the
+    first). ``duration`` is the running time of the attempt that ended the
+    task (``done``, ``failed``; ``cancelled`` when it had started), and for
+    ``retried`` that of the failed attempt. ``error`` is the exception
+    (``failed``, ``retried``; the message for ``cancelled``). ``created``
+    carries ``dependencies`` (uids) and ``parent`` (the uid of the block the
+    task was called in); ``kind_of_task`` is ``function``, ``executable``,
+    ``prompt`` or ``block``.
+    """
+
+    kind: str
+    time: float
+    uid: str
+    name: str
+    backend: str | None = None
+    workflow_id: str | None = None
+    attempt: int = 0
+    duration: float | None = None
+    error: BaseException | str | None = None
+    parent: str | None = None
+    dependencies: tuple[str, ...] = ()
+    kind_of_task: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The event as plain JSON values (the error as ``"Type: message"``)."""
+        data = self._asdict()
+        error = self.error
+        if isinstance(error, BaseException):
+            data["error"] = f"{type(error).__name__}: {error}"
+        elif error is not None:
+            data["error"] = str(error)
+        data["dependencies"] = list(self.dependencies)
+        return data
+
+
+Observer = Callable[[TaskEvent], Any]
+
+#: What the scheduler records on its hot path, cheaper to make than a
+#: TaskEvent: (kind, time, task, attempt, duration, error, extra), where
+#: ``extra`` is (parent uid, dependency uids, kind of task) on ``created``.
+Record = tuple[str, float, Any, int, "float | None", Any, Any]
+
+
+def to_event(record: Record) -> TaskEvent:
+    """The :class:`TaskEvent` of a hot-path record."""
+    kind, when, task, attempt, duration, error, extra = record
+    definition = task._definition
+    backend = definition.backend
+    if backend is None and definition.kind.value != "block":
+        backend = task._engine._scheduler.default_backend
+    parent, dependencies, kind_of_task = extra or (None, (), None)
+    return TaskEvent(
+        kind,
+        when,
+        task.uid,
+        task.name,
+        backend.name if backend is not None else None,
+        task.workflow_id,
+        attempt,
+        duration,
+        error,
+        parent,
+        dependencies,
+        kind_of_task,
+    )
+
+
+class Observers:
+    """The engine's observers and the delivery of event batches to them.
+
+    Built-in observers with a ``records(batch)`` method take the scheduler's
+    records as they are; user subscribers get :class:`TaskEvent` objects,
+    made once per batch for all of them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._raw: list[Any] = []
+        self._sync: list[Observer] = []
+        self._async: list[_AsyncObserver] = []
+        self.pending: list[Record] = []
+        self._scheduled = False
+        #: Whether anyone listens: the scheduler records events only then.
+        self.active = False
+
+    def _changed(self) -> None:
+        self.active = bool(self._raw or self._sync or self._async)
+
+    def add(self, observer: Any, name: str | None = None) -> Callable[[], None]:
+        if callable(getattr(observer, "records", None)):
+            self._raw.append(observer)
+            self._changed()
+
+            def remove_raw() -> None:
+                if observer in self._raw:
+                    self._raw.remove(observer)
+                    self._changed()
+
+            return remove_raw
+        if not callable(observer):
+            raise TypeError(
+                f"subscribe() takes a callable receiving TaskEvent records, got "
+                f"{type(observer).__name__}"
+            )
+        if inspect.iscoroutinefunction(observer) or inspect.iscoroutinefunction(
+            getattr(observer, "__call__", None)  # noqa: B004 - async __call__
+        ):
+            wrapped = _AsyncObserver(self, observer, name)
+            self._async.append(wrapped)
+            self._changed()
+
+            def remove_async() -> None:
+                self._detach(wrapped)
+
+            return remove_async
+        self._sync.append(observer)
+        self._changed()
+
+        def remove() -> None:
+            if observer in self._sync:
+                self._sync.remove(observer)
+                self._changed()
+
+        return remove
+
+    def schedule(self) -> None:
+        """Deliver the pending records at the next turn of the loop."""
+        self._scheduled = True
+        try:
+            self._loop.call_soon(self.deliver)
+        except RuntimeError:  # the loop is closed: deliver now
+            self.deliver()
+
+    def deliver(self) -> None:
+        self._scheduled = False
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        for observer in list(self._raw):
+            try:
+                observer.records(batch)
+            except Exception:
+                self._raw.remove(observer)
+                self._changed()
+                log.warning(
+                    "%r raised and was detached; the run goes on",
+                    observer,
+                    exc_info=True,
+                )
+        if not (self._sync or self._async):
+            return
+        events = [to_event(record) for record in batch]
+        for subscriber in list(self._sync):
+            try:
+                for event in events:
+                    subscriber(event)
+            except Exception:
+                self._sync.remove(subscriber)
+                self._changed()
+                log.warning(
+                    "event subscriber %r raised and was detached; the run goes on",
+                    subscriber,
+                    exc_info=True,
+                )
+        for wrapped in list(self._async):
+            wrapped.feed(events)
+
+    def _detach(self, wrapped: _AsyncObserver) -> None:
+        if wrapped in self._async:
+            self._async.remove(wrapped)
+            self._changed()
+        wrapped.stop()
+
+    async def drain(self, timeout: float) -> None:
+        """Deliver what is pending, let async observers catch up (bounded),
+        then stop them: the engine has shut down."""
+        self.deliver()
+        waits = [self._loop.create_task(w.idle()) for w in self._async]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=timeout)
+            for wait in late:
+                wait.cancel()
+        for wrapped in list(self._async):
+            self._detach(wrapped)
+
+
+class _AsyncObserver:
+    def __init__(
+        self,
+        owner: Observers,
+        callback: Callable[[TaskEvent], Awaitable[Any]],
+        name: str | None,
+    ) -> None:
+        self._owner = owner
+        self._callback = callback
+        self._name = name or repr(callback)
+        self._queue: deque[TaskEvent] = deque()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._task = owner._loop.create_task(self._run())
+
+    def feed(self, batch: list[TaskEvent]) -> None:
+        if len(self._queue) + len(batch) > ASYNC_BACKLOG:
+            log.warning(
+                "event subscriber %s fell %d events behind and was detached; the "
+                "run goes on",
+                self._name,
+                ASYNC_BACKLOG,
+            )
+            self._owner._detach(self)
+            return
+        self._queue.extend(batch)
+        self._drained.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while queue:
+                event = queue.popleft()
+                try:
+                    await self._callback(event)
+                except Exception:
+                    log.warning(
+                        "event subscriber %s raised and was detached; the run goes on",
+                        self._name,
+                        exc_info=True,
+                    )
+                    self._owner._detach(self)
+                    return
+            self._drained.set()
+
+    async def idle(self) -> None:
+        await self._drained.wait()
+
+    def stop(self) -> None:
+        self._queue.clear()
+        self._drained.set()
+        self._task.cancel()

@@ -1,0 +1,1 @@
+"""Built-in observers of task lifecycle events: one concern per module."""
