@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ..events import Record
+from ..events import FINAL_KINDS, Record
 from ..tasks import TaskKind
 
 __all__ = ["FLUSH_EVERY", "FORMAT", "VERSION", "TraceWriter", "read_trace"]
@@ -33,12 +33,11 @@ FLUSH_EVERY = 2.0
 
 _encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
-# One line per event, in TaskEvent's field order; the values are JSON already.
-_LINE = (
-    '{"kind": "%s", "time": %r, "uid": "%s", "name": %s, "backend": %s, '
-    '"workflow_id": %s, "attempt": %d, "duration": %s, "error": %s, '
-    '"parent": %s, "dependencies": %s, "kind_of_task": %s}'
-)
+# One line per event; its keys are TaskEvent's fields, the values JSON already.
+_HEAD = '{"uid": "%s", "name": %s, "backend": %s, "workflow_id": %s, '
+_LINE = '%s"kind": "%s", "time": %.6f, "attempt": %d, "duration": %s, "error": %s, %s}'
+_CREATED = '"parent": %s, "dependencies": %s, "kind_of_task": "%s"'
+_NOT_CREATED = '"parent": null, "dependencies": [], "kind_of_task": null'
 
 
 class TraceWriter:
@@ -56,6 +55,8 @@ class TraceWriter:
         # JSON of the names, backends and workflow ids seen so far.
         self._strings: dict[str, str] = {}
         self._described: dict[Any, tuple[str, str]] = {}
+        # The encoded constant fields of the tasks not yet finished.
+        self._heads: dict[Any, str] = {}
         # Truncate: a trace describes one run.
         self._file: IO[str] | None = open(  # noqa: SIM115 - closed by close()
             self.path, "w", encoding="utf-8"
@@ -69,39 +70,51 @@ class TraceWriter:
         )
 
     def records(self, batch: list[Record]) -> None:
-        """Encode a batch of the scheduler's records (the fast path)."""
-        described = self._described
+        """Encode a batch of the scheduler's records (the fast path).
+
+        A task's constant fields are encoded once, as the head of each of
+        its lines (JSON objects have no key order).
+        """
+        heads = self._heads
         lines = self._lines
-        line = _LINE
         for kind, when, task, attempt, duration, error, extra in batch:
-            definition = task._definition
-            task_json = described.get(definition)
-            if task_json is None:
-                task_json = described[definition] = self._describe(task)
-            workflow = task.workflow_id
+            head = heads.get(task)
+            if head is None:
+                head = heads[task] = self._head(task)
             if extra is None:
-                created = _NOT_CREATED
+                tail = _NOT_CREATED
             else:
-                created = (
+                tail = _CREATED % (
                     "null" if extra[0] is None else _encode(extra[0]),
                     _encode(list(extra[1])) if extra[1] else "[]",
-                    f'"{extra[2]}"',
+                    extra[2],
                 )
+            if kind in FINAL_KINDS:
+                del heads[task]
             lines.append(
-                line
+                _LINE
                 % (
+                    head,
                     kind,
                     when,
-                    task.uid,
-                    task_json[0],
-                    task_json[1],
-                    "null" if workflow is None else self._json(workflow),
                     attempt,
-                    "null" if duration is None else repr(duration),
+                    "null" if duration is None else f"{duration:.6f}",
                     "null" if error is None else _encode(_error_text(error)),
-                    *created,
+                    tail,
                 )
             )
+
+    def _head(self, task: Any) -> str:
+        described = self._described.get(task._definition)
+        if described is None:
+            described = self._described[task._definition] = self._describe(task)
+        workflow = task.workflow_id
+        return _HEAD % (
+            task.uid,
+            described[0],
+            described[1],
+            "null" if workflow is None else self._json(workflow),
+        )
 
     def _describe(self, task: Any) -> tuple[str, str]:
         """The JSON of a task definition's name and backend name."""
@@ -154,9 +167,6 @@ class TraceWriter:
             except OSError:
                 pass
             self._file = None
-
-
-_NOT_CREATED = ("null", "[]", "null")
 
 
 def _error_text(error: Any) -> str:
