@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import os
 import time
 from typing import Any
@@ -60,8 +59,6 @@ class Attempts(Graph):
             task._key = key
             return False
         task.restored = True
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %r restored from the checkpoint", task.uid, task.name)
         self._finish(task, DONE, value)
         return True
 
@@ -222,11 +219,11 @@ class Attempts(Graph):
         backend = task._definition.backend or self.default_backend
         if task._definition.reliability is not None and not backend.reports_start:
             self._arm_timeout(task)
-        self._submit(backend, [task], log.isEnabledFor(logging.DEBUG))
+        self._submit(backend, [task])
 
     # -- provided by _dispatch ---------------------------------------------------
 
-    def _submit(self, backend: Any, tasks: list[TaskFuture], debug: bool) -> None:
+    def _submit(self, backend: Any, tasks: list[TaskFuture]) -> None:
         """Hand a batch of tasks to one backend."""
         raise NotImplementedError
 

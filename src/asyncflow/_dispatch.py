@@ -9,7 +9,6 @@ backends' :class:`~asyncflow.backends.base.TaskReporter`.
 from __future__ import annotations
 
 import asyncio
-import logging
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +58,6 @@ class Scheduler(Attempts):
     def _dispatch(self, batch: list[TaskFuture]) -> None:
         default = self.default_backend
         groups: dict[ExecutionBackend, list[TaskFuture]] = {}
-        debug = log.isEnabledFor(logging.DEBUG)
         for task in batch:
             if task.state is not PENDING:  # cancelled while queued
                 continue
@@ -78,8 +76,6 @@ class Scheduler(Attempts):
             task.attempts = 1
             if kind is BLOCK:
                 self._start_block(task)
-                if debug:
-                    log.debug("started block %s %r", task.uid, task.name)
                 continue
             backend = definition.backend or default
             if kind not in backend.kinds:
@@ -97,21 +93,15 @@ class Scheduler(Attempts):
             else:
                 group.append(task)
         for backend, tasks in groups.items():
-            self._submit(backend, tasks, debug)
+            self._submit(backend, tasks)
 
-    def _submit(
-        self, backend: ExecutionBackend, tasks: list[TaskFuture], debug: bool
-    ) -> None:
+    def _submit(self, backend: ExecutionBackend, tasks: list[TaskFuture]) -> None:
         now = _time()
         observed = self.observers.active
         for task in tasks:
             task.submitted_at = now
             if observed:
                 self._event("submitted", task, now)
-            if debug:
-                log.debug(
-                    "submitted %s %r to backend %r", task.uid, task.name, backend.name
-                )
         try:
             backend.submit(tasks)
         except Exception as exc:

@@ -120,6 +120,7 @@ class Graph:
         )
         self.live: set[TaskFuture] = set()
         self.observers = Observers(loop)
+        self._logging: Any = None  # the DEBUG log's observer, once needed
         self.store: CheckpointStore | None = None
         #: Resolved when ``live`` becomes empty (``async with`` waits on it).
         self.idle: asyncio.Future[None] | None = None
@@ -206,6 +207,8 @@ class Graph:
                 block._members = set()
             block._members.add(task)
         self.live.add(task)
+        if self._logging is None and log.isEnabledFor(logging.DEBUG):
+            self._log_events()
         if self.observers.active:
             self._event(
                 "created",
@@ -214,15 +217,8 @@ class Graph:
                     block.uid if block is not None else None,
                     tuple(d.uid for d in deps) if deps else (),
                     definition.kind.value,
+                    deps or (),
                 ),
-            )
-
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "registered %s %r depends on %s",
-                task.uid,
-                name,
-                _names(deps) if deps else "nothing",
             )
 
         if deps is None:
@@ -291,6 +287,13 @@ class Graph:
         if not observers._scheduled:
             observers.schedule()
 
+    def _log_events(self) -> None:
+        """Write the DEBUG log from the events, now that DEBUG is on."""
+        from .observers.log import LogObserver
+
+        self._logging = LogObserver()
+        self.observers.add(self._logging)
+
     def _release(self, task: TaskFuture) -> None:
         if self.observers.active:
             self._event("ready", task)
@@ -314,8 +317,7 @@ class Graph:
         """Settle a task and release (DONE) or settle (otherwise) its dependents."""
         if task.state in _TERMINAL:
             return
-        debug = log.isEnabledFor(logging.DEBUG)
-        self._settle(task, state, value, debug)
+        self._settle(task, state, value)
         dependents = task._dependents
         if dependents is None:
             return
@@ -346,16 +348,14 @@ class Graph:
                 if dep.state is not PENDING:
                     continue
                 if task.state is FAILED:
-                    self._settle(dep, FAILED, self._dependency_error(dep, task), debug)
+                    self._settle(dep, FAILED, self._dependency_error(dep, task))
                 else:
-                    self._settle(dep, CANCELLED, message, debug)
+                    self._settle(dep, CANCELLED, message)
                 if dep._dependents is not None:
                     upstream.append((dep, dep._dependents))
                     dep._dependents = None
 
-    def _settle(
-        self, task: TaskFuture, state: TaskState, value: Any, debug: bool
-    ) -> None:
+    def _settle(self, task: TaskFuture, state: TaskState, value: Any) -> None:
         task.state = state
         ended = task.finished_at
         started = task.started_at
@@ -408,13 +408,6 @@ class Graph:
         # Drop the inputs: a finished future must not keep them alive.
         task.args = ()
         task.kwargs = _NO_KWARGS
-        if debug:
-            if state is FAILED:
-                log.debug(
-                    "%s %r FAILED", task.uid, task.name, exc_info=task.exception()
-                )
-            else:
-                log.debug("%s %r %s", task.uid, task.name, state.value)
 
     def _dependency_error(
         self, task: TaskFuture, failed: TaskFuture
@@ -440,8 +433,6 @@ class Graph:
         if task.state is RUNNING:
             self.stop_work(task)
             self._cancel_members(task, msg)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("cancelling %s %r", task.uid, task.name)
         self._finish(task, CANCELLED, msg)
 
     @staticmethod

@@ -88,7 +88,8 @@ Observer = Callable[[TaskEvent], Any]
 
 #: What the scheduler records on its hot path, cheaper to make than a
 #: TaskEvent: (kind, time, task, attempt, duration, error, extra), where
-#: ``extra`` is (parent uid, dependency uids, kind of task) on ``created``.
+#: ``extra`` is (parent uid, dependency uids, kind of task, dependency
+#: futures) on ``created``, else None.
 Record = tuple[str, float, Any, int, "float | None", Any, Any]
 
 
@@ -99,7 +100,7 @@ def to_event(record: Record) -> TaskEvent:
     backend = definition.backend
     if backend is None and definition.kind.value != "block":
         backend = task._engine._scheduler.default_backend
-    parent, dependencies, kind_of_task = extra or (None, (), None)
+    parent, dependencies, kind_of_task = extra[:3] if extra else (None, (), None)
     return TaskEvent(
         kind,
         when,
