@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from ._graph import BLOCK, DONE, FAILED, RUNNING, Graph, log
+from ._graph import _PREPARING, BLOCK, DONE, FAILED, RUNNING, Graph, log
 from .errors import TaskTimeoutError
 from .tasks import TaskFuture
 
@@ -77,6 +77,8 @@ class Attempts(Graph):
     def _arm_timeout(self, task: TaskFuture) -> None:
         options = task._definition.reliability
         if options is not None and options.timeout is not None:
+            if task._timer is not None:
+                task._timer.cancel()
             task._timer = self._loop.call_later(
                 options.timeout, self._timed_out, task, task.attempts
             )
@@ -216,6 +218,10 @@ class Attempts(Graph):
 
     def _resubmit(self, task: TaskFuture) -> None:
         """Hand one task to its backend outside a batch (retries, late commands)."""
+        if task._command is _PREPARING and (  # timed out in its body: again
+            not self._prepare(task) or (self.store is not None and self._restore(task))
+        ):
+            return
         backend = task._definition.backend or self.default_backend
         if task._definition.reliability is not None and not backend.reports_start:
             self._arm_timeout(task)
@@ -229,6 +235,10 @@ class Attempts(Graph):
 
     def _start_block(self, block: TaskFuture) -> None:
         """Run a block's body on the loop."""
+        raise NotImplementedError
+
+    def _prepare(self, task: TaskFuture) -> bool:
+        """Evaluate a command body; True once the command is ready."""
         raise NotImplementedError
 
     def _flush_if_ready(self) -> None:

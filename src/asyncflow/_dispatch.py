@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._attempts import Attempts
 from ._graph import (
+    _PREPARING,
     BLOCK,
     CANCELLED,
     DONE,
@@ -30,8 +31,6 @@ from .tasks import TaskFuture
 if TYPE_CHECKING:
     from .backends.base import ExecutionBackend
 
-#: Marks a task whose executable/prompt body is still being evaluated.
-_PREPARING = object()
 #: The ``ok`` of a thread-safe report that an attempt has started.
 _STARTED: Any = object()
 
@@ -125,6 +124,8 @@ class Scheduler(Attempts):
         if not definition.is_async:
             return self._accept_command(task, body)
         task._command = _PREPARING
+        if definition.reliability is not None:
+            self._arm_timeout(task)  # a body that never returns times out too
         runner = self._loop.create_task(self._finish_preparing(task, body))
         # Cancelled before it started, the runner never awaits the body.
         runner.add_done_callback(lambda _: body.close())
@@ -150,9 +151,24 @@ class Scheduler(Attempts):
     async def _finish_preparing(self, task: TaskFuture, body: Any) -> None:
         self.block_var.set(task._block)
         self.workflow_var.set(task.workflow_id)
+        # Tasks the body calls (and awaits) take its place in call order, so
+        # they are not held back behind it.
+        self.preparing_var.set(task)
+        attempt = task.attempts
         try:
             command = await body
         except asyncio.CancelledError:
+            if task.state is RUNNING and task.attempts == attempt and not self.closing:
+                # Not our cancel (that settles the task or moves the attempt
+                # on first): the body raised it itself.
+                self._attempt_failed(
+                    task,
+                    RuntimeError(
+                        f"the body of task {task.name!r} ({task.uid}) raised "
+                        "CancelledError of its own"
+                    ),
+                )
+                self._flush_if_ready()
             return
         except BaseException as exc:  # SystemExit & co. fail only this task
             self._finish(task, FAILED, exc)
@@ -160,6 +176,10 @@ class Scheduler(Attempts):
         if task.state is not RUNNING or self.closing:
             return
         task._handle = None
+        if task._timer is not None:
+            # The body's own time is up: the command's starts when it does.
+            task._timer.cancel()
+            task._timer = None
         if self._accept_command(task, command) and not (
             self.store is not None and self._restore(task)
         ):
@@ -265,8 +285,10 @@ class Scheduler(Attempts):
             self._attempt_failed(task, error)
             self._flush_if_ready()
 
-    def report_threadsafe(self, task: TaskFuture, ok: bool, value: object) -> None:
-        self._inbox.append((task, ok, value))
+    def report_threadsafe(
+        self, task: TaskFuture, ok: bool, value: object, attempt: int | None = None
+    ) -> None:
+        self._inbox.append((task, ok, value, attempt))
         if not self._drain_scheduled:
             self._drain_scheduled = True
             try:
@@ -279,29 +301,36 @@ class Scheduler(Attempts):
         # either is drained below or schedules another drain.
         self._drain_scheduled = False
         inbox = self._inbox
-        closing = self.closing
-        finish = self._finish
-        observed = self.observers.active
-        while inbox:
-            task, ok, value = inbox.popleft()
-            if ok is _STARTED:
-                self.started(task, value)
-                continue
-            if observed and task._definition.reliability is None:
-                # The worker noted the start time without a report of its
-                # own: the started event goes out now, with that time.
-                self.started(task, task.attempts)
-            if ok is True:
-                finish(task, DONE, value)
-            elif closing:
-                continue  # work stopped by the shutdown: it ends CANCELLED
-            else:
-                if isinstance(value, asyncio.CancelledError):
-                    value = RuntimeError(
-                        f"task {task.name!r} was cancelled in its worker"
-                    )
-                self._attempt_failed(task, value)
+        try:
+            while inbox:
+                report = inbox.popleft()
+                try:
+                    self._take(*report)
+                except Exception as exc:  # one bad report must not strand the rest
+                    log.error("report on %s could not be taken", report[0].uid)
+                    self._finish(report[0], FAILED, exc)
+        finally:
+            if inbox and not self._drain_scheduled:
+                self._drain_scheduled = True
+                self._loop.call_soon(self._drain)
         self._flush_if_ready()
+
+    def _take(self, task: TaskFuture, ok: Any, value: Any, attempt: int | None) -> None:
+        if ok is _STARTED:
+            self.started(task, value)
+            return
+        if attempt is not None and attempt != task.attempts:
+            return  # the engine moved past that attempt (it timed out)
+        if self.observers.active and task._definition.reliability is None:
+            # The worker noted the start time without a report of its own:
+            # the started event goes out now, with that time.
+            self.started(task, task.attempts)
+        if ok is True:
+            self._finish(task, DONE, value)
+        elif not self.closing:  # else: work stopped by the shutdown (CANCELLED)
+            if isinstance(value, asyncio.CancelledError):
+                value = RuntimeError(f"task {task.name!r} was cancelled in its worker")
+            self._attempt_failed(task, value)
 
     def stop_work(self, task: TaskFuture) -> None:
         """Ask whoever runs a RUNNING task to stop it; its state is unchanged."""

@@ -19,7 +19,6 @@ import contextvars
 import logging
 from asyncio.events import _get_running_loop
 from collections import deque
-from collections.abc import Iterable
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,9 @@ _set_exception = asyncio.Future.set_exception
 _future_cancel = asyncio.Future.cancel
 
 _NO_KWARGS: dict[str, Any] = {}
+
+#: Marks a task whose executable/prompt body is still being evaluated.
+_PREPARING = object()
 
 
 def _scan(value: Any, found: list[TaskFuture]) -> None:
@@ -96,8 +98,12 @@ def _resolve(value: Any) -> Any:
     return value
 
 
-def _names(tasks: Iterable[TaskFuture]) -> list[str]:
-    return [f"{t.name} ({t.uid})" for t in tasks]
+def _message(error: BaseException | None) -> str:
+    """``str(error)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__name__} with a message that cannot be shown>"
 
 
 class Graph:
@@ -118,6 +124,9 @@ class Graph:
         self.workflow_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
             f"asyncflow.workflow.{id(self):x}", default=None
         )
+        self.preparing_var: contextvars.ContextVar[TaskFuture | None] = (
+            contextvars.ContextVar(f"asyncflow.preparing.{id(self):x}", default=None)
+        )
         self.live: set[TaskFuture] = set()
         self.observers = Observers(loop)
         self._logging: Any = None  # the DEBUG log's observer, once needed
@@ -130,7 +139,7 @@ class Graph:
         self._ready: list[TaskFuture] = []
         self._flush_scheduled = False
         self._flushing = False
-        self._inbox: deque[tuple[TaskFuture, bool, Any]] = deque()
+        self._inbox: deque[tuple[TaskFuture, Any, Any, int | None]] = deque()
         self._drain_scheduled = False
         # Command bodies being evaluated, and the tasks called after the
         # earliest of them, which wait for it (bodies run in call order).
@@ -178,6 +187,10 @@ class Graph:
         self._counter += 1
         task = TaskFuture(loop=self._loop)
         task._seq = self._counter
+        if self._hold_after is not None:
+            preparing = self.preparing_var.get()
+            if preparing is not None:
+                task._seq = preparing._seq
         task.uid = (
             f"{'block' if definition.kind is BLOCK else 'task'}.{self._counter:06d}"
         )
@@ -418,7 +431,8 @@ class Graph:
         names = [d.name for d in failed_deps]
         return DependencyFailureError(
             f"task {task.name!r} ({task.uid}) did not run: its dependency "
-            f"{', '.join(map(repr, names))} failed ({type(root).__name__}: {root})",
+            f"{', '.join(map(repr, names))} failed ({type(root).__name__}: "
+            f"{_message(root)})",
             failed_dependencies=names,
             root_cause=root,
         )

@@ -582,18 +582,27 @@ def task_key(task: TaskFuture) -> str:
 _NO_KWARGS = _encoded({})
 # Digests of what every call of a definition shares (kind, name, code), so
 # that a call hashes only that and its own arguments.
-_prefixes: dict[tuple[TaskKind, str, str | None, str | None], bytes] = {}
+_prefixes: dict[tuple[TaskKind, str, str | None, str | None, bool], bytes] = {}
 
 
 def _key_prefix(definition: TaskDefinition) -> bytes:
     version = definition.options.version
     code = code_hash(definition) if version is None else None
-    entry = (definition.kind, definition.name, version, code)
+    # capture_stdio changes what the result is (a file path, not the output).
+    capture = definition.capture_stdio
+    entry = (definition.kind, definition.name, version, code, capture)
     prefix = _prefixes.get(entry)
     if prefix is None:
         if len(_prefixes) >= 4096:
             _prefixes.clear()
-        material = (str(definition.kind), definition.name, version, code)
+        material: tuple[str | None, ...] = (
+            str(definition.kind),
+            definition.name,
+            version,
+            code,
+        )
+        if capture:
+            material += ("capture_stdio",)
         prefix = hashlib.sha256(_KEY_SALT + _encoded(material)).digest()
         _prefixes[entry] = prefix
     return prefix

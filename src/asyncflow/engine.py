@@ -287,7 +287,10 @@ class WorkflowEngine:
         return remove
 
     def _close_observers(self) -> None:
-        self._scheduler.observers.deliver()
+        try:
+            self._scheduler.observers.deliver()
+        except Exception:  # deliver() isolates observers; never fail a shutdown
+            log.warning("delivering the last events failed", exc_info=True)
         for observer in self._builtins:
             try:
                 observer.close()
@@ -420,8 +423,10 @@ class WorkflowEngine:
         if self._settled:
             return
         self._settled = True
-        cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
-        self._close_observers()
+        try:
+            cancelled = scheduler.cancel_all(f"workflow engine {self.uid} shut down")
+        finally:
+            self._close_observers()
         if cancelled:
             shown = ", ".join(f"{t.name} ({t.uid})" for t in cancelled[:5])
             more = f" and {len(cancelled) - 5} more" if len(cancelled) > 5 else ""

@@ -41,6 +41,10 @@ EVENT_KINDS = (
 #: The kinds that end a task: exactly one of them per task.
 FINAL_KINDS = frozenset({"done", "failed", "cancelled", "restored"})
 
+#: What an observer may raise and be detached for: anything but the signals
+#: that end the program (CancelledError included: it is not ours).
+_OBSERVER_FAULTS = (Exception, asyncio.CancelledError)
+
 #: Events an ``async def`` observer may fall behind before it is detached.
 ASYNC_BACKLOG = 100_000
 
@@ -191,7 +195,7 @@ class Observers:
         for observer in list(self._raw):
             try:
                 observer.records(batch)
-            except Exception:
+            except _OBSERVER_FAULTS:
                 self._raw.remove(observer)
                 self._changed()
                 log.warning(
@@ -206,7 +210,7 @@ class Observers:
             try:
                 for event in events:
                     subscriber(event)
-            except Exception:
+            except _OBSERVER_FAULTS:
                 self._sync.remove(subscriber)
                 self._changed()
                 log.warning(
@@ -250,6 +254,7 @@ class _AsyncObserver:
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._stopped = False
         self._task = owner._loop.create_task(self._run())
 
     def feed(self, batch: list[TaskEvent]) -> None:
@@ -275,7 +280,9 @@ class _AsyncObserver:
                 event = queue.popleft()
                 try:
                     await self._callback(event)
-                except Exception:
+                except _OBSERVER_FAULTS:
+                    if self._stopped:
+                        return  # our own stop() cancelled it
                     log.warning(
                         "event subscriber %s raised and was detached; the run goes on",
                         self._name,
@@ -289,6 +296,7 @@ class _AsyncObserver:
         await self._drained.wait()
 
     def stop(self) -> None:
+        self._stopped = True
         self._queue.clear()
         self._drained.set()
         self._task.cancel()

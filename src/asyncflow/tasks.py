@@ -303,5 +303,18 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         self._engine._scheduler.cancel(self, msg)
         return True
 
+    def set_result(self, result: Any, /) -> None:
+        raise RuntimeError(_SETTLED_BY_ENGINE.format(self=self, what="set_result"))
+
+    def set_exception(self, exception: Any, /) -> None:
+        raise RuntimeError(_SETTLED_BY_ENGINE.format(self=self, what="set_exception"))
+
     def __repr__(self) -> str:
         return f"<TaskFuture {self.uid} {self.name!r} {self.state.value}>"
+
+
+_SETTLED_BY_ENGINE = (
+    "{what}() on the future of task {self.name!r} ({self.uid}): task futures are "
+    "settled by the engine when their work ends; to stop a task, call "
+    ".cancel(); to give a value to later tasks, return it from the task body"
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -311,3 +312,59 @@ def test_read_trace_refuses_what_is_not_a_trace(tmp_path: Path) -> None:
     other.write_text('{"hello": 1}\n')
     with pytest.raises(ValueError, match="not an asyncflow trace"):
         read_trace(other)
+
+
+async def test_a_subscriber_raising_cancelled_error_is_detached(
+    tmp_path: Path,
+) -> None:
+    trace = tmp_path / "run.jsonl"
+    flow = await WorkflowEngine.create(backend=AsyncioExecutionBackend(), trace=trace)
+    good: list[TaskEvent] = []
+
+    def bad(event: TaskEvent) -> None:
+        raise asyncio.CancelledError
+
+    async def bad_async(event: TaskEvent) -> None:
+        raise asyncio.CancelledError
+
+    flow.subscribe(bad)
+    flow.subscribe(bad_async)
+    flow.subscribe(good.append)
+
+    @flow.function_task
+    async def work(i: int) -> int:
+        return i
+
+    assert await asyncio.gather(*(work(i) for i in range(5))) == list(range(5))
+    await asyncio.wait_for(flow.shutdown(), LIVENESS)
+    assert len([e for e in good if e.kind == "done"]) == 5
+    observers = flow._scheduler.observers
+    assert bad not in observers._sync
+    assert observers._async == []
+    _, events = read_trace(trace)
+    assert len([e for e in events if e["kind"] == "done"]) == 5
+
+
+async def test_the_trace_survives_undecodable_characters(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    name = os.fsdecode(b"/data/donn\xe9es.csv")  # a surrogate escape
+    async with await WorkflowEngine.create(
+        backend=AsyncioExecutionBackend(), trace=trace
+    ) as flow:
+
+        @flow.function_task
+        async def parse() -> None:
+            raise ValueError(f"cannot parse {name}")
+
+        @flow.function_task
+        async def fine() -> int:
+            return 1
+
+        with pytest.raises(ValueError, match="cannot parse"):
+            await parse()
+        assert await fine() == 1
+    _, events = read_trace(trace)
+    failed = [e for e in events if e["kind"] == "failed"]
+    assert len(failed) == 1
+    assert "donn" in failed[0]["error"]
+    assert len([e for e in events if e["kind"] == "done"]) == 1

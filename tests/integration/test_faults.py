@@ -596,3 +596,174 @@ def test_shutdown_right_after_an_async_body_was_submitted_stops_it(
     assert "all shut down" in done.stdout
     assert "abandoned" not in done.stderr
     assert "running event loop" not in done.stderr
+
+
+# -- found in review: each once hung a future or lied ----------------------------
+
+
+@pytest.mark.parametrize("backend", ["threads", "asyncio"])
+async def test_a_command_body_may_call_and_await_a_task(make_engine, backend) -> None:
+    flow = await make_engine(backend)
+
+    @flow.function_task
+    async def word() -> str:
+        return "hello"
+
+    @flow.executable_task
+    async def build() -> str:
+        return f"echo {await word()}"
+
+    assert (await asyncio.wait_for(build(), LIVENESS)).strip() == "hello"
+
+
+async def test_a_command_body_that_never_returns_times_out_and_is_retried(
+    make_engine,
+) -> None:
+    flow = await make_engine("asyncio")
+    calls: list[int] = []
+
+    @flow.executable_task(timeout=0.3, retries=1)
+    async def build() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # a lookup that never answers
+        return "echo second"
+
+    assert (await asyncio.wait_for(build(), LIVENESS)).strip() == "second"
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["command body", "asyncio body"])
+async def test_a_body_raising_cancelled_error_itself_fails_its_task(
+    make_engine, kind: str
+) -> None:
+    flow = await make_engine("asyncio")
+
+    async def cancelled_inside() -> None:
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel()
+        await inner
+
+    if kind == "command body":
+
+        @flow.executable_task
+        async def task() -> str:
+            await cancelled_inside()
+            return "echo unreachable"
+
+    else:
+
+        @flow.function_task
+        async def task() -> str:
+            await cancelled_inside()
+            return "unreachable"
+
+    fut = task()
+    with pytest.raises(RuntimeError, match="CancelledError of its own"):
+        await asyncio.wait_for(fut, LIVENESS)
+    assert fut.state == "FAILED"
+
+
+async def test_a_report_for_an_attempt_the_engine_left_is_dropped(make_engine) -> None:
+    flow = await make_engine("threads")
+    gate = threading.Event()
+    attempts: list[int] = []
+
+    @flow.function_task(timeout=0.2, retries=1)
+    def work() -> str:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) == 1:
+            gate.wait(LIVENESS)  # attempt 1 outlives its timeout
+        return f"attempt {len(attempts)}"
+
+    fut = work()
+    await wait_until(lambda: fut.attempts == 2, "the timeout to move on")
+    # A late outcome of attempt 1, as a backend would send it.
+    flow._scheduler.report_threadsafe(fut, True, "stale", 1)
+    await asyncio.sleep(0.05)
+    assert not fut.done()
+    gate.set()
+    assert await asyncio.wait_for(fut, LIVENESS) == "attempt 2"
+
+
+async def test_an_error_whose_message_cannot_be_shown_still_propagates(
+    make_engine,
+) -> None:
+    flow = await make_engine("asyncio")
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise AttributeError("no message")
+
+    @flow.function_task
+    async def bad() -> None:
+        raise Unprintable
+
+    @flow.function_task
+    async def after(x: object) -> None:
+        return None
+
+    @flow.function_task
+    async def unrelated() -> str:
+        return "fine"
+
+    failing = bad()
+    dependent = after(failing)
+    other = unrelated()
+    with pytest.raises(Unprintable):
+        await failing
+    with pytest.raises(asyncflow.DependencyFailureError, match="cannot be shown"):
+        await asyncio.wait_for(dependent, LIVENESS)
+    late = after(failing)  # called once the failure is known
+    with pytest.raises(asyncflow.DependencyFailureError):
+        await late
+    assert await other == "fine"
+    assert not flow._scheduler.live
+
+
+async def test_task_futures_cannot_be_settled_by_hand(make_engine) -> None:
+    flow = await make_engine("asyncio")
+
+    @flow.function_task
+    async def one() -> int:
+        return 1
+
+    fut = one()
+    with pytest.raises(RuntimeError, match="settled by the engine"):
+        fut.set_result(41)
+    with pytest.raises(RuntimeError, match="settled by the engine"):
+        fut.set_exception(ValueError())
+    assert await fut == 1
+
+
+async def test_capture_stdio_is_part_of_the_cache_key(tmp_path: Path) -> None:
+    results = []
+    for capture in (True, False):
+        async with await WorkflowEngine.create(
+            checkpoint=tmp_path / "run.db", work_dir=tmp_path, uid="fixed"
+        ) as flow:
+
+            @flow.executable_task(capture_stdio=capture)
+            async def hello() -> str:
+                return "echo hi"
+
+            fut = hello()
+            results.append((await fut, fut.restored))
+    assert results[1] == ("hi\n", False)  # not the first run's file path
+
+
+@pytest.mark.parametrize("backend", ["threads", "asyncio"])
+async def test_what_a_finished_command_left_running_is_stopped_at_shutdown(
+    backend: str,
+) -> None:
+    from ..conftest import BACKENDS
+
+    async with await WorkflowEngine.create(backend=BACKENDS[backend]()) as flow:
+
+        @flow.executable_task
+        async def start_daemon() -> str:
+            return "sleep 60 >/dev/null 2>&1 & echo $!"
+
+        pid = int((await start_daemon()).strip())
+        assert _alive_pid(pid)
+    assert not _alive_pid(pid)  # gone when shutdown returned

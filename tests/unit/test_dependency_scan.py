@@ -11,7 +11,7 @@ from asyncflow._graph import _resolve, find_dependencies
 def _done(value: object) -> TaskFuture:
     loop = asyncio.new_event_loop()
     fut = TaskFuture(loop=loop)
-    fut.set_result(value)
+    asyncio.Future.set_result(fut, value)  # as the engine settles it
     loop.close()
     return fut
 

@@ -487,8 +487,11 @@ async def _run_process(
         # Cancelled (or the loop is going down): the command must not
         # outlive its task, and we must not end before it is gone.
         await _outlast(asyncio.ensure_future(terminate(proc, grace)))
+        groups.discard(proc)
         raise
-    finally:
+    # What it started in the background and left running stays tracked:
+    # the engine's shutdown stops it (a live group's ID is never reused).
+    if not _group_alive(proc.pid):
         groups.discard(proc)
     assert proc.returncode is not None
     return proc.returncode, out or b"", err or b"", True

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
-from ..tasks import TaskFuture, TaskKind
+from ..tasks import TaskFuture, TaskKind, TaskState
 from ._pool import DaemonThreadPool
 from ._subprocess import SubprocessRunner
 from .base import ExecutionBackend, TaskReporter, log_started
@@ -96,6 +96,20 @@ class AsyncioExecutionBackend(ExecutionBackend):
                 # asyncio.run at exit, stop waiting.
                 with contextlib.suppress(BaseException):
                     await asyncio.wrap_future(pending)
+            elif (
+                task.state is TaskState.RUNNING
+                and task.attempts == attempt
+                and not task._engine._scheduler.closing
+            ):
+                # Not a cancel of ours (that settles the task or moves the
+                # attempt on first): the body raised CancelledError itself.
+                reporter.failed(
+                    task,
+                    RuntimeError(
+                        f"the body of task {task.name!r} ({task.uid}) raised "
+                        "CancelledError of its own"
+                    ),
+                )
             return
         except BaseException as exc:  # SystemExit & co. fail only this task
             if task.attempts == attempt:

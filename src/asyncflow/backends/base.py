@@ -51,8 +51,12 @@ class TaskReporter(Protocol):
 
     def failed(self, task: TaskFuture, error: BaseException) -> None: ...
 
-    def report_threadsafe(self, task: TaskFuture, ok: bool, value: object) -> None:
-        """``ok=True``: ``value`` is the result; otherwise it is the exception."""
+    def report_threadsafe(
+        self, task: TaskFuture, ok: bool, value: object, attempt: int | None = None
+    ) -> None:
+        """``ok=True``: ``value`` is the result; otherwise it is the exception.
+        ``attempt`` (the attempt the work belongs to) lets the engine drop the
+        outcome of an attempt it has moved past; give it when you know it."""
 
 
 class ExecutionBackend(abc.ABC):

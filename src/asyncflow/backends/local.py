@@ -38,7 +38,9 @@ class _ThreadLoop:
         self.loop = asyncio.new_event_loop()
 
     def __del__(self) -> None:
-        self.loop.close()
+        # At interpreter exit a daemon worker may still be inside it.
+        if not self.loop.is_running():
+            self.loop.close()
 
 
 _local = threading.local()
@@ -102,13 +104,13 @@ def _call_in_thread(
         stops.discard(task)
         if task.attempts == attempt:
             task.finished_at = _time()
-            report(task, False, exc)
+            report(task, False, exc, attempt)
     else:
         stops.discard(task)
         if task.attempts == attempt:  # else: an attempt the engine gave up on
             # When the work ended, not when the loop gets to the report.
             task.finished_at = _time()
-            report(task, True, value)
+            report(task, True, value, attempt)
 
 
 class _Unpicklable(TypeError):

@@ -58,8 +58,9 @@ class TraceWriter:
         # The encoded constant fields of the tasks not yet finished.
         self._heads: dict[Any, str] = {}
         # Truncate: a trace describes one run.
+        # Error messages may hold undecodable file names (surrogates).
         self._file: IO[str] | None = open(  # noqa: SIM115 - closed by close()
-            self.path, "w", encoding="utf-8"
+            self.path, "w", encoding="utf-8", errors="backslashreplace"
         )
         first = {"format": FORMAT, "version": VERSION, "started": time.time()}
         first.update(header)
@@ -134,9 +135,11 @@ class TraceWriter:
         return encoded
 
     def _tick(self) -> None:
-        self.flush()
-        if self._file is not None:
-            self._timer = self._loop.call_later(FLUSH_EVERY, self._tick)
+        try:
+            self.flush()
+        finally:
+            if self._file is not None:
+                self._timer = self._loop.call_later(FLUSH_EVERY, self._tick)
 
     def flush(self) -> None:
         if not self._lines or self._file is None:
@@ -145,7 +148,7 @@ class TraceWriter:
         try:
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning(
                 "trace %s cannot be written (%s); tracing stops, the run goes on",
                 self.path,
@@ -170,9 +173,13 @@ class TraceWriter:
 
 
 def _error_text(error: Any) -> str:
+    try:
+        text = str(error)
+    except Exception:
+        text = "<a message that cannot be shown>"
     if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return str(error)
+        return f"{type(error).__name__}: {text}"
+    return text
 
 
 def read_trace(
