@@ -468,6 +468,15 @@ def _times(v: float) -> str:
     return f"{v:.2f}x"
 
 
+def _share_of(
+    group: str, variant: str, base: str, floor: float
+) -> Callable[[Callable[[str, str, str], float | None]], tuple[float | None, bool]]:
+    """Our ``variant`` of ``group`` is at least ``floor`` of our ``base`` one."""
+    return lambda q: _at_least(floor)(
+        _ratio(q(group, "asyncflow", variant), q(group, "asyncflow", base))
+    )
+
+
 def _min_or_none(values: list[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else min(values)  # type: ignore[type-var]
 
@@ -556,34 +565,19 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "W1",
         "W1 with a trace file: throughput >= 90% of the same run without",
-        lambda q: _at_least(0.9)(
-            _ratio(
-                q("W1 observed", "asyncflow", "def-trace"),
-                q("W1 observed", "asyncflow", "def"),
-            )
-        ),
+        _share_of("W1 observed", "def-trace", "def", 0.9),
         _times,
     ),
     Target(
         "W1",
         "W1 with progress on: throughput >= 85% of the same run without",
-        lambda q: _at_least(0.85)(
-            _ratio(
-                q("W1 observed", "asyncflow", "def-progress"),
-                q("W1 observed", "asyncflow", "def"),
-            )
-        ),
+        _share_of("W1 observed", "def-progress", "def", 0.85),
         _times,
     ),
     Target(
         "W4",
         "W4 checkpoint: throughput >= 90% of the same run without one",
-        lambda q: _at_least(0.9)(
-            _ratio(
-                q("W4 checkpoint", "asyncflow", "threads-checkpoint"),
-                q("W4 checkpoint", "asyncflow", "threads"),
-            )
-        ),
+        _share_of("W4 checkpoint", "threads-checkpoint", "threads", 0.9),
         _times,
     ),
     Target(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -82,3 +84,26 @@ def reaper() -> Iterator[list[psutil.Process]]:
     procs: list[psutil.Process] = []
     yield procs
     kill_alive(procs)
+
+
+#: Backends for executable tasks, by name, with a number of command slots.
+EXE_BACKENDS: dict[str, Callable[[int], ExecutionBackend]] = {
+    "threads": lambda n: LocalExecutionBackend(ThreadPoolExecutor(n)),
+    "asyncio": lambda n: AsyncioExecutionBackend(max_subprocesses=n),
+}
+
+
+@pytest.fixture
+async def make_flow() -> AsyncIterator[Callable[..., Any]]:
+    """Engines for executable tasks: ``await make_flow("threads", slots)``;
+    each is shut down (bounded) at teardown."""
+    made: list[WorkflowEngine] = []
+
+    async def make(backend: str, workers: int = 4) -> WorkflowEngine:
+        flow = await WorkflowEngine.create(backend=EXE_BACKENDS[backend](workers))
+        made.append(flow)
+        return flow
+
+    yield make
+    for flow in made:
+        await asyncio.wait_for(flow.shutdown(timeout=5), 20.0)

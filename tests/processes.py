@@ -23,3 +23,15 @@ def kill_alive(procs: Iterable[psutil.Process]) -> None:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def carrying(mark: dict[str, str]) -> list[psutil.Process]:
+    """Live processes whose environment carries ``mark`` (one key, one value)."""
+    (key, value), found = next(iter(mark.items())), []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(key) == value and alive(proc):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found

@@ -17,8 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,37 +26,16 @@ import pytest
 
 from asyncflow import (
     DRY_RUN_RESULT,
-    AsyncioExecutionBackend,
     ExecutableError,
-    ExecutionBackend,
-    LocalExecutionBackend,
     NoopExecutionBackend,
     TaskTimeoutError,
     WorkflowEngine,
 )
 
+from ..conftest import EXE_BACKENDS as BACKENDS
 from ..processes import alive
 
 LIVENESS = 20.0
-
-BACKENDS: dict[str, Callable[[int], ExecutionBackend]] = {
-    "threads": lambda n: LocalExecutionBackend(ThreadPoolExecutor(n)),
-    "asyncio": lambda n: AsyncioExecutionBackend(max_subprocesses=n),
-}
-
-
-@pytest.fixture
-async def make_flow() -> AsyncIterator[Callable[..., Any]]:
-    made: list[WorkflowEngine] = []
-
-    async def make(backend: str, workers: int = 4) -> WorkflowEngine:
-        flow = await WorkflowEngine.create(backend=BACKENDS[backend](workers))
-        made.append(flow)
-        return flow
-
-    yield make
-    for flow in made:
-        await asyncio.wait_for(flow.shutdown(timeout=5), LIVENESS)
 
 
 @pytest.fixture(params=list(BACKENDS))

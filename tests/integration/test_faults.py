@@ -38,6 +38,13 @@ from ..processes import alive
 LIVENESS = 30.0
 
 
+def run_script(script: Path) -> subprocess.CompletedProcess[str]:
+    """Run a test's script in a fresh interpreter (bounded: it must end)."""
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+
+
 def _alive_pid(pid: int) -> bool:
     try:
         return alive(psutil.Process(pid))
@@ -241,9 +248,7 @@ def test_a_hung_def_body_on_the_asyncio_backend_does_not_block_exit(
             """
         )
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    done = run_script(script)
     assert done.returncode == 0, done.stderr
     assert "shut down" in done.stdout
 
@@ -552,9 +557,7 @@ def test_a_stuck_thread_of_a_user_pool_does_not_block_exit(
             """
         )
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    done = run_script(script)
     assert done.returncode == status, done.stderr
     assert "shut down" in done.stdout
     assert "abandoned" in done.stderr
@@ -589,9 +592,7 @@ def test_shutdown_right_after_an_async_body_was_submitted_stops_it(
             """
         )
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    done = run_script(script)
     assert done.returncode == 0, done.stderr
     assert "all shut down" in done.stdout
     assert "abandoned" not in done.stderr

@@ -35,7 +35,7 @@ from asyncflow import (
     WorkflowEngine,
 )
 
-from ..processes import alive
+from ..processes import alive, carrying
 
 #: Generous liveness bound for anything that must merely "finish".
 LIVENESS = 20.0
@@ -150,18 +150,6 @@ def marked() -> Iterator[dict[str, str]]:
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.05)
-
-
-def carrying(mark: dict[str, str]) -> list[psutil.Process]:
-    """Live processes whose environment carries ``mark``."""
-    (key, value), found = next(iter(mark.items())), []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(key) == value and alive(proc):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
 
 
 @pytest.fixture

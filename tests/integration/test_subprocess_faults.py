@@ -13,8 +13,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +21,16 @@ import psutil
 import pytest
 
 from asyncflow import (
-    AsyncioExecutionBackend,
     ExecutableError,
-    ExecutionBackend,
-    LocalExecutionBackend,
     TaskFuture,
     WorkflowEngine,
 )
 from asyncflow.backends._subprocess import SubprocessRunner
 
-from ..processes import alive, kill_alive
+from ..conftest import EXE_BACKENDS as BACKENDS
+from ..processes import alive, carrying, kill_alive
 
 LIVENESS = 20.0
-
-BACKENDS: dict[str, Callable[[int], ExecutionBackend]] = {
-    "threads": lambda n: LocalExecutionBackend(ThreadPoolExecutor(n)),
-    "asyncio": lambda n: AsyncioExecutionBackend(max_subprocesses=n),
-}
-
-
-@pytest.fixture
-async def make_flow() -> AsyncIterator[Callable[..., Any]]:
-    made: list[WorkflowEngine] = []
-
-    async def make(backend: str, workers: int = 4) -> WorkflowEngine:
-        flow = await WorkflowEngine.create(backend=BACKENDS[backend](workers))
-        made.append(flow)
-        return flow
-
-    yield make
-    for flow in made:
-        await asyncio.wait_for(flow.shutdown(timeout=5), LIVENESS)
 
 
 @pytest.fixture
@@ -62,17 +40,6 @@ def marked() -> Iterator[dict[str, str]]:
     mark = {"AF_TEST_MARK": uuid.uuid4().hex}
     yield mark
     kill_alive(carrying(mark))
-
-
-def carrying(mark: dict[str, str]) -> list[psutil.Process]:
-    (key, value), found = next(iter(mark.items())), []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(key) == value and alive(proc):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:

@@ -28,13 +28,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..events import FINAL_KINDS, TaskEvent
+from ._lines import LinesFile
 
 if TYPE_CHECKING:
-    import asyncio
-
     from opentelemetry.context import Context
     from opentelemetry.metrics import Counter, Histogram
     from opentelemetry.sdk.metrics import MeterProvider
@@ -851,10 +850,6 @@ class _SpanFile:
         directory.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in engine.uid)
         self.path = directory / f"telemetry-{safe}.jsonl"
-        self._lines: list[str] = []
-        self._file: IO[str] | None = open(  # noqa: SIM115 - closed by close()
-            self.path, "w", encoding="utf-8"
-        )
         header = {
             "format": "asyncflow-spans",
             "version": 1,
@@ -862,55 +857,22 @@ class _SpanFile:
             "run_id": engine.run_id,
             "started": time.time(),
         }
-        self._file.write(json.dumps(header) + "\n")
-        self._file.flush()
-        self._loop: asyncio.AbstractEventLoop = engine.loop
-        self._interval = interval
-        self._timer: asyncio.TimerHandle | None = (
-            self._loop.call_later(interval, self._tick) if interval else None
+        self._out = LinesFile(
+            self.path, engine.loop, header, interval, "telemetry file"
         )
 
     def add(self, span: Any) -> None:
-        if self._file is None:
+        if self._out.closed:
             return
         record = _span_record(span)
         if record is not None:
-            self._lines.append(json.dumps(record, default=str, ensure_ascii=False))
-
-    def _tick(self) -> None:
-        self.flush()
-        if self._file is not None and self._interval:
-            self._timer = self._loop.call_later(self._interval, self._tick)
+            self._out.lines.append(json.dumps(record, default=str, ensure_ascii=False))
 
     def flush(self) -> None:
-        if not self._lines or self._file is None:
-            return
-        lines, self._lines = self._lines, []
-        try:
-            self._file.write("\n".join(lines) + "\n")
-            self._file.flush()
-        except OSError as exc:
-            log.warning(
-                "telemetry file %s cannot be written (%s); it stops, the run goes on",
-                self.path,
-                exc,
-            )
-            self._close_file()
+        self._out.flush()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.flush()
-        self._close_file()
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        self._out.close()
 
 
 def _span_record(span: Any) -> dict[str, Any] | None:

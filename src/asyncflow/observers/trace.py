@@ -17,10 +17,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..events import FINAL_KINDS, Record
 from ..tasks import TaskKind
+from ._lines import LinesFile
 
 __all__ = ["FLUSH_EVERY", "FORMAT", "VERSION", "TraceWriter", "read_trace"]
 
@@ -50,25 +51,15 @@ class TraceWriter:
         header: dict[str, Any],
     ) -> None:
         self.path = Path(path)
-        self._loop = loop
-        self._lines: list[str] = []
+        first = {"format": FORMAT, "version": VERSION, "started": time.time()}
+        first.update(header)
+        self._out = LinesFile(self.path, loop, first, FLUSH_EVERY, "trace")
+        self._lines = self._out.lines
         # JSON of the names, backends and workflow ids seen so far.
         self._strings: dict[str, str] = {}
         self._described: dict[Any, tuple[str, str]] = {}
         # The encoded constant fields of the tasks not yet finished.
         self._heads: dict[Any, str] = {}
-        # Truncate: a trace describes one run.
-        # Error messages may hold undecodable file names (surrogates).
-        self._file: IO[str] | None = open(  # noqa: SIM115 - closed by close()
-            self.path, "w", encoding="utf-8", errors="backslashreplace"
-        )
-        first = {"format": FORMAT, "version": VERSION, "started": time.time()}
-        first.update(header)
-        self._file.write(_encode(first) + "\n")
-        self._file.flush()
-        self._timer: asyncio.TimerHandle | None = loop.call_later(
-            FLUSH_EVERY, self._tick
-        )
 
     def records(self, batch: list[Record]) -> None:
         """Encode a batch of the scheduler's records (the fast path).
@@ -134,42 +125,11 @@ class TraceWriter:
             encoded = self._strings[text] = _encode(text)
         return encoded
 
-    def _tick(self) -> None:
-        try:
-            self.flush()
-        finally:
-            if self._file is not None:
-                self._timer = self._loop.call_later(FLUSH_EVERY, self._tick)
-
     def flush(self) -> None:
-        if not self._lines or self._file is None:
-            return
-        lines, self._lines = self._lines, []
-        try:
-            self._file.write("\n".join(lines) + "\n")
-            self._file.flush()
-        except (OSError, ValueError) as exc:
-            log.warning(
-                "trace %s cannot be written (%s); tracing stops, the run goes on",
-                self.path,
-                exc,
-            )
-            self._close_file()
+        self._out.flush()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.flush()
-        self._close_file()
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        self._out.close()
 
 
 def _error_text(error: Any) -> str:
