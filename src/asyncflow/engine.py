@@ -165,12 +165,18 @@ class WorkflowEngine:
                 engine._handles_signals = _signals.register(engine, engine.loop)
         except BaseException:
             # Nothing of a half-made engine may outlive it (a trace file, the
-            # progress display's timer and log filter, the store's thread).
+            # progress display's timer and log filter, the store's thread,
+            # the backends attached so far).
             engine._close_observers()
             store = engine._scheduler.store
             if store is not None:
                 engine._scheduler.store = None
                 store.close()
+            attached = [b for b in backends if b._reporter is engine._scheduler]
+            if attached:
+                engine._scheduler.closing = True
+                with contextlib.suppress(BaseException):
+                    await engine._shutdown_backends(shutdown_timeout)
             raise
         log.info(
             "engine %s started with backend(s) %s",

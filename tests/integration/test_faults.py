@@ -768,3 +768,31 @@ async def test_what_a_finished_command_left_running_is_stopped_at_shutdown(
         pid = int((await start_daemon()).strip())
         assert _alive_pid(pid)
     assert not _alive_pid(pid)  # gone when shutdown returned
+
+
+async def test_a_failed_create_leaves_nothing_behind(tmp_path: Path) -> None:
+    class Refuses(asyncflow.ExecutionBackend):
+        async def attach(self, reporter: Any) -> None:
+            raise OSError("cluster unreachable")
+
+        def submit(self, tasks: Any) -> None:
+            raise AssertionError("never attached")
+
+        def cancel(self, task: Any) -> None:
+            return None
+
+        async def shutdown(self) -> None:
+            return None
+
+    pool = ThreadPoolExecutor(1)
+    first = LocalExecutionBackend(pool, name="local")
+    with pytest.raises(OSError, match="cluster unreachable"):
+        await WorkflowEngine.create(
+            backend=[first, Refuses(name="remote")],
+            trace=tmp_path / "run.jsonl",
+            checkpoint=tmp_path / "run.db",
+        )
+    assert pool._shutdown  # the backend attached before the failure
+    assert first._closed
+    header = (tmp_path / "run.jsonl").read_text().splitlines()
+    assert len(header) == 1  # the trace was closed, with its header

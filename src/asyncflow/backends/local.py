@@ -449,9 +449,13 @@ def _in_daemon_thread(function: Callable[[], None]) -> asyncio.Future[None]:
     done: asyncio.Future[None] = loop.create_future()
 
     def run() -> None:
-        function()
+        error: BaseException | None = None
         try:
-            loop.call_soon_threadsafe(_set_done, done)
+            function()
+        except BaseException as exc:  # reported to the waiter, not lost here
+            error = exc
+        try:
+            loop.call_soon_threadsafe(_set_done, done, error)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
@@ -459,9 +463,12 @@ def _in_daemon_thread(function: Callable[[], None]) -> asyncio.Future[None]:
     return done
 
 
-def _set_done(done: asyncio.Future[None]) -> None:
+def _set_done(done: asyncio.Future[None], error: BaseException | None = None) -> None:
     if not done.done():
-        done.set_result(None)
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def _kill(processes: list[Any]) -> int:
