@@ -146,15 +146,13 @@ class Attempts(Graph):
             delay,
         )
         if stopping is not None and _running(stopping):
-            self._retry_when_stopped(task, stopping, delay, error)
+            self._retry_when_stopped(task, stopping, delay)
         elif delay > 0:
             task._timer = self._loop.call_later(delay, self._retry, task)
         else:
             self._retry(task)
 
-    def _retry_when_stopped(
-        self, task: TaskFuture, handle: Any, delay: float, error: BaseException
-    ) -> None:
+    def _retry_when_stopped(self, task: TaskFuture, handle: Any, delay: float) -> None:
         attempt = task.attempts - 1
         options = task._definition.reliability
         assert options is not None
