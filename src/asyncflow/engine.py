@@ -506,10 +506,15 @@ class WorkflowEngine:
         await self.shutdown()
 
     async def _wait_for_tasks(self) -> None:
-        """Wait until every task and block called on this engine has finished,
-        or a shutdown began elsewhere (a signal)."""
+        """Wait until every task and block called on this engine has finished.
+
+        A shutdown begun elsewhere (a signal, another coroutine) ends the wait
+        only once it has settled the futures: on a signal that is after the
+        program's exit is under way, so the code after ``async with`` never
+        runs as if the block had ended normally.
+        """
         scheduler = self._scheduler
-        while scheduler.live and self._shutdown_task is None:
+        while scheduler.live:
             idle = scheduler.idle = self.loop.create_future()
             try:
                 await idle

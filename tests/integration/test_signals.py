@@ -697,3 +697,56 @@ def test_an_engine_shut_down_in_a_later_run_leaves_no_stale_handler() -> None:
     del runner
     gc.collect()
     assert loop() is None
+
+
+def test_ctrl_c_while_async_with_waits_at_its_exit(tmp_path: Path) -> None:
+    """The exit of ``async with`` waits for a stuck task; Ctrl-C then stops
+    the program (KeyboardInterrupt), and the code after the block never runs
+    as if the block had ended normally."""
+    script = tmp_path / "exit_wait.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, sys
+            from asyncflow import WorkflowEngine
+
+            async def main():
+                async with await WorkflowEngine.create(trace="run.jsonl") as flow:
+
+                    @flow.function_task
+                    async def stuck():
+                        await asyncio.sleep(3600)
+
+                    stuck()
+                    print("LEAVING BLOCK", flush=True)
+                print("AFTER BLOCK", flush=True)
+
+            try:
+                asyncio.run(main())
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
+                sys.exit(130)
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "LEAVING BLOCK"
+        time.sleep(0.2)  # into the wait of the exit (no marker to wait for)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LIVENESS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "INTERRUPTED" in out
+    assert "AFTER BLOCK" not in out
+    last = (tmp_path / "run.jsonl").read_text().splitlines()[-1]
+    assert '"kind": "cancelled"' in last
