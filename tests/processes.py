@@ -1,8 +1,11 @@
-"""Helpers for tests that check which processes are still running."""
+"""Helpers for tests: which processes still run, and bounded waits for markers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable
 
 import psutil
 
@@ -35,3 +38,30 @@ def carrying(mark: dict[str, str]) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return found
+
+
+def group_of(leader: int) -> list[psutil.Process]:
+    """Every live process in the process group led by ``leader``.
+
+    Each command runs in its own session, so its group holds the shell and
+    everything it started (a shell may also exec its last command).
+    """
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == leader:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+async def wait_until(
+    predicate: Callable[[], bool], what: str, bound: float = 30.0
+) -> None:
+    """Bounded poll for a marker (a liveness bound, not a timing assumption)."""
+    deadline = time.monotonic() + bound
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

@@ -76,17 +76,6 @@ class TaskEvent(NamedTuple):
     dependencies: tuple[str, ...] = ()
     kind_of_task: str | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        """The event as plain JSON values (the error as ``"Type: message"``)."""
-        data = self._asdict()
-        error = self.error
-        if isinstance(error, BaseException):
-            data["error"] = f"{type(error).__name__}: {error}"
-        elif error is not None:
-            data["error"] = str(error)
-        data["dependencies"] = list(self.dependencies)
-        return data
-
 
 Observer = Callable[[TaskEvent], Any]
 
@@ -97,20 +86,25 @@ Observer = Callable[[TaskEvent], Any]
 Record = tuple[str, float, Any, int, "float | None", Any, Any]
 
 
+def backend_name(task: Any) -> str | None:
+    """The name of the backend a task runs on (None for a block)."""
+    definition = task._definition
+    if definition.kind.value == "block":
+        return None
+    backend = definition.backend or task._engine._scheduler.default_backend
+    return str(backend.name)
+
+
 def to_event(record: Record) -> TaskEvent:
     """The :class:`TaskEvent` of a hot-path record."""
     kind, when, task, attempt, duration, error, extra = record
-    definition = task._definition
-    backend = definition.backend
-    if backend is None and definition.kind.value != "block":
-        backend = task._engine._scheduler.default_backend
     parent, dependencies, kind_of_task = extra[:3] if extra else (None, (), None)
     return TaskEvent(
         kind,
         when,
         task.uid,
         task.name,
-        backend.name if backend is not None else None,
+        backend_name(task),
         task.workflow_id,
         attempt,
         duration,
@@ -142,7 +136,7 @@ class Observers:
     def _changed(self) -> None:
         self.active = bool(self._raw or self._sync or self._async)
 
-    def add(self, observer: Any, name: str | None = None) -> Callable[[], None]:
+    def add(self, observer: Any) -> Callable[[], None]:
         if callable(getattr(observer, "records", None)):
             self._raw.append(observer)
             self._changed()
@@ -161,7 +155,7 @@ class Observers:
         if inspect.iscoroutinefunction(observer) or inspect.iscoroutinefunction(
             getattr(observer, "__call__", None)  # noqa: B004 - async __call__
         ):
-            wrapped = _AsyncObserver(self, observer, name)
+            wrapped = _AsyncObserver(self, observer)
             self._async.append(wrapped)
             self._changed()
 
@@ -245,11 +239,10 @@ class _AsyncObserver:
         self,
         owner: Observers,
         callback: Callable[[TaskEvent], Awaitable[Any]],
-        name: str | None,
     ) -> None:
         self._owner = owner
         self._callback = callback
-        self._name = name or repr(callback)
+        self._name = repr(callback)
         self._queue: deque[TaskEvent] = deque()
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()

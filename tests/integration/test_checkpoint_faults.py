@@ -33,16 +33,10 @@ from asyncflow import checkpoint as checkpoint_module
 from asyncflow.checkpoint import CheckpointStore
 from asyncflow.tasks import TaskDefinition, TaskFuture, TaskKind
 
+from ..processes import wait_until
+
 LIVENESS = 30.0
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + LIVENESS
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def run_child(

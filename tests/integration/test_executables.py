@@ -15,9 +15,7 @@ import re
 import stat
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from asyncflow import (
 )
 
 from ..conftest import EXE_BACKENDS as BACKENDS
-from ..processes import alive
+from ..processes import alive, group_of, wait_until
 
 LIVENESS = 20.0
 
@@ -41,25 +39,6 @@ LIVENESS = 20.0
 @pytest.fixture(params=list(BACKENDS))
 async def flow(request: pytest.FixtureRequest, make_flow) -> WorkflowEngine:
     return await make_flow(request.param)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + LIVENESS
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def group_of(leader: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == leader:
-                members.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass
-    return members
 
 
 async def failure_of(fut: asyncio.Future[Any]) -> BaseException:

@@ -33,7 +33,7 @@ from asyncflow import (
     WorkflowEngine,
 )
 
-from ..processes import alive
+from ..processes import alive, wait_until
 
 LIVENESS = 30.0
 
@@ -50,14 +50,6 @@ def _alive_pid(pid: int) -> bool:
         return alive(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return False
-
-
-async def wait_until(predicate: Any, what: str, bound: float = LIVENESS) -> None:
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # -- the timeout clock counts running time only ----------------------------------

@@ -35,23 +35,12 @@ from asyncflow import (
     WorkflowEngine,
 )
 
-from ..processes import alive, carrying
+from ..processes import alive, carrying, group_of, wait_until
 
 #: Generous liveness bound for anything that must merely "finish".
 LIVENESS = 20.0
 
 # -- helpers -------------------------------------------------------------------
-
-
-async def wait_until(
-    predicate: Callable[[], bool], what: str, bound: float = LIVENESS
-) -> None:
-    """Bounded poll for a marker (not a timing assumption)."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def wait_gone(
@@ -62,22 +51,6 @@ async def wait_gone(
 
 def pid_files_ready(directory: Path, count: int) -> bool:
     return len(list(directory.glob("*.pid"))) >= count
-
-
-def group_of(leader: int) -> list[psutil.Process]:
-    """Every live process in the process group led by ``leader``.
-
-    Each command runs in its own session, so its group holds the shell and
-    everything it started (a shell may also exec its last command).
-    """
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == leader:
-                members.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass
-    return members
 
 
 def processes_from(directory: Path) -> list[psutil.Process]:

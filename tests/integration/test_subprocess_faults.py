@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from asyncflow import (
 from asyncflow.backends._subprocess import SubprocessRunner
 
 from ..conftest import EXE_BACKENDS as BACKENDS
-from ..processes import alive, carrying, kill_alive
+from ..processes import alive, carrying, kill_alive, wait_until
 
 LIVENESS = 20.0
 
@@ -40,14 +39,6 @@ def marked() -> Iterator[dict[str, str]]:
     mark = {"AF_TEST_MARK": uuid.uuid4().hex}
     yield mark
     kill_alive(carrying(mark))
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + LIVENESS
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def stubborn(directory: Path, name: str) -> str:

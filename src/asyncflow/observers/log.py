@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from ..events import Record
+from ..events import Record, backend_name
 from ..tasks import TaskKind
 
 __all__ = ["LogObserver"]
@@ -33,11 +33,11 @@ class LogObserver:
                     [f"{d.name} ({d.uid})" for d in dependencies] or "nothing",
                 )
             elif kind == "submitted":
-                backend = task._definition.backend or (
-                    task._engine._scheduler.default_backend
-                )
                 log.debug(
-                    "submitted %s %r to backend %r", task.uid, task.name, backend.name
+                    "submitted %s %r to backend %r",
+                    task.uid,
+                    task.name,
+                    backend_name(task),
                 )
             elif kind == "started":
                 if task._definition.kind is TaskKind.BLOCK:

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..events import FINAL_KINDS, Record
-from ..tasks import TaskKind
+from ..events import FINAL_KINDS, Record, backend_name
 from ._lines import LinesFile
 
 __all__ = ["FLUSH_EVERY", "FORMAT", "VERSION", "TraceWriter", "read_trace"]
@@ -110,13 +109,10 @@ class TraceWriter:
 
     def _describe(self, task: Any) -> tuple[str, str]:
         """The JSON of a task definition's name and backend name."""
-        definition = task._definition
-        backend = definition.backend
-        if backend is None and definition.kind is not TaskKind.BLOCK:
-            backend = task._engine._scheduler.default_backend
+        backend = backend_name(task)
         return (
             self._json(task.name),
-            "null" if backend is None else self._json(backend.name),
+            "null" if backend is None else self._json(backend),
         )
 
     def _json(self, text: str) -> str:
