@@ -5,8 +5,7 @@ pass futures to other tasks to declare dependencies, and let independent work
 run in parallel on threads, processes, asyncio or a cluster.
 """
 
-from importlib import metadata as _metadata
-
+from ._version import __version__
 from .backends import (
     DRY_RUN_RESULT,
     AsyncioExecutionBackend,
@@ -27,11 +26,6 @@ from .errors import (
 )
 from .events import TaskEvent
 from .tasks import TaskFuture, TaskKind, TaskOptions, TaskState
-
-try:
-    __version__ = _metadata.version("asyncflow")
-except _metadata.PackageNotFoundError:  # pragma: no cover - a bare source tree
-    __version__ = "0.0.0"
 
 __all__ = [
     "DRY_RUN_RESULT",
