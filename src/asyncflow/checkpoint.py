@@ -69,8 +69,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePath
 from typing import Any
 
-import cloudpickle
-
 from .errors import CheckpointError
 from .tasks import TaskDefinition, TaskFuture, TaskKind
 
@@ -572,6 +570,15 @@ def task_key(task: TaskFuture) -> str:
         if kind is not TaskKind.FUNCTION:
             description = task.task_description
             _encode({k: description.get(k) for k in COMMAND_KEYS}, parts, 0)
+            if kind is TaskKind.PROMPT:
+                # Prompt backends read their settings (system prompt, model,
+                # sampling) from the description: they change the answer.
+                settings = {
+                    k: v for k, v in description.items() if k not in COMMAND_KEYS
+                }
+                if settings:
+                    parts.append(b"p")
+                    _encode(settings, parts, 0)
     except RecursionError:
         raise Uncacheable(
             "an argument or the code is nested too deeply to encode"
@@ -625,6 +632,8 @@ def _pickled(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=5)
     except Exception:
+        import cloudpickle
+
         return bytes(cloudpickle.dumps(value, protocol=5))
 
 
