@@ -25,6 +25,7 @@ from asyncflow import (
     WorkerLostError,
     WorkflowEngine,
 )
+from asyncflow.backends import DRY_RUN_PROMPT_RESULT
 
 
 async def test_default_backend_is_a_thread_pool() -> None:
@@ -277,7 +278,7 @@ async def test_prompt_tasks(make_engine) -> None:
 
         fut = ask("asyncio")
         if flow is dry:
-            assert await fut == DRY_RUN_RESULT
+            assert await fut == DRY_RUN_PROMPT_RESULT == "Dummy Prompt Output"
             assert fut.command == "Summarise asyncio"
             with pytest.raises(ValueError, match="'empty'"):
                 await empty()

@@ -92,3 +92,40 @@ async def test_rhapsody_backend_cancel_and_shutdown() -> None:
     # RHAPSODY's concurrent backend joins its pool synchronously on shutdown.
     gate.set()
     await flow.shutdown()
+
+
+async def test_rhapsody_backend_runs_argument_lists_without_a_shell() -> None:
+    async with await WorkflowEngine.create(backend=await _concurrent_backend()) as flow:
+
+        @flow.executable_task
+        async def argv(word: str) -> list[str]:
+            return ["echo", word, "$HOME", "a;b"]
+
+        assert await argv("two words") == "two words $HOME a;b\n"
+
+
+async def test_rhapsody_retry_runs_under_a_new_uid() -> None:
+    inner = await _concurrent_backend()
+    seen: list[str] = []
+    submit = inner.submit_tasks
+
+    async def recording(tasks: list[dict]) -> object:
+        seen.extend(t["uid"] for t in tasks)
+        return await submit(tasks)
+
+    inner.submit_tasks = recording
+    async with await WorkflowEngine.create(backend=inner) as flow:
+        calls: list[int] = []
+
+        @flow.function_task(retries=1)
+        def flaky() -> str:
+            calls.append(1)
+            if len(calls) == 1:
+                raise ValueError("first attempt fails")
+            return "ok"
+
+        fut = flaky()
+        assert await fut == "ok"
+    # The inner backend never sees one uid twice: a late report of an
+    # abandoned attempt cannot pass for the current one.
+    assert seen == [fut.uid, f"{fut.uid}.2"]

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..tasks import TaskFuture
+from ..tasks import TaskFuture, TaskKind
 from .base import ExecutionBackend
 
-__all__ = ["DRY_RUN_RESULT", "NoopExecutionBackend"]
+__all__ = ["DRY_RUN_PROMPT_RESULT", "DRY_RUN_RESULT", "NoopExecutionBackend"]
 
-#: The result every task gets in a dry run. Function bodies are not called;
-#: executable and prompt bodies are evaluated (so a bad command is still
-#: caught) but the command or prompt is not run.
+#: The result of every function and executable task in a dry run. Function
+#: bodies are not called; executable bodies are evaluated (so a bad command is
+#: still caught) but the command is not run.
 DRY_RUN_RESULT = "Dummy Output"
+
+#: The result of every prompt task in a dry run: the body is evaluated (so a
+#: bad prompt is still caught) but no model is asked.
+DRY_RUN_PROMPT_RESULT = "Dummy Prompt Output"
 
 
 class NoopExecutionBackend(ExecutionBackend):
-    """Completes every task at once with :data:`DRY_RUN_RESULT`."""
+    """Completes every task at once: prompt tasks with
+    :data:`DRY_RUN_PROMPT_RESULT`, the others with :data:`DRY_RUN_RESULT`."""
+
+    #: Nothing runs, so every request is met.
+    honours_resources = True
 
     def submit(self, tasks: Sequence[TaskFuture]) -> None:
         succeeded = self.reporter.succeeded
+        prompt = TaskKind.PROMPT
         for task in tasks:
-            succeeded(task, DRY_RUN_RESULT)
+            if task._definition.kind is prompt:
+                succeeded(task, DRY_RUN_PROMPT_RESULT)
+            else:
+                succeeded(task, DRY_RUN_RESULT)
 
     def cancel(self, task: TaskFuture) -> None:
         """Nothing runs, so there is nothing to stop."""
