@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AsyncFlowError",
     "CheckpointError",
     "DependencyFailureError",
     "ExecutableError",
+    "ResourceError",
     "TaskTimeoutError",
     "WorkerLostError",
 ]
@@ -108,6 +110,36 @@ class TaskTimeoutError(AsyncFlowError, TimeoutError):
 
 class WorkerLostError(AsyncFlowError, RuntimeError):
     """The worker process running (or holding) a task died abruptly."""
+
+
+class ResourceError(AsyncFlowError, ValueError):
+    """A task asked for more of a resource than its backend can ever give.
+
+    ``resource`` names it (``"cpus"``, ``"gpus"``, ``"memory"`` or a custom
+    name), ``requested`` is the amount asked and ``capacity`` the backend's.
+    """
+
+    def __init__(
+        self, resource: str, requested: int, capacity: int, where: str = ""
+    ) -> None:
+        self.resource = resource
+        self.requested = requested
+        self.capacity = capacity
+        unit = " bytes of" if resource == "memory" else ""
+        setting = (
+            f"{resource}=..."
+            if resource in ("cpus", "gpus", "memory")
+            else f"custom={{{resource!r}: ...}}"
+        )
+        super().__init__(
+            f"the task asks for {requested}{unit} {resource} but "
+            f"{where or 'its backend'} has {capacity} in all: it could never "
+            "start; lower the request or give the backend more (e.g. "
+            f"LocalExecutionBackend(..., {setting}))"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.resource, self.requested, self.capacity))
 
 
 class CheckpointError(AsyncFlowError):

@@ -8,6 +8,7 @@ shutdown; this pool's daemon workers let the process exit then too.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -20,6 +21,13 @@ T = TypeVar("T")
 _STOP = None
 
 
+@functools.cache
+def _default_max_workers() -> int:
+    # ``ThreadPoolExecutor``'s default. ``os.cpu_count()`` reads sysfs on
+    # every call: once per process is enough for a default pool size.
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
 class DaemonThreadPool(Executor):
     """A minimal ``Executor`` whose worker threads are daemons."""
 
@@ -27,7 +35,7 @@ class DaemonThreadPool(Executor):
         self, max_workers: int | None = None, thread_name_prefix: str = ""
     ) -> None:
         if max_workers is None:
-            max_workers = min(32, (os.cpu_count() or 1) + 4)
+            max_workers = _default_max_workers()
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         self._max_workers = max_workers

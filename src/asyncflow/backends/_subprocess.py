@@ -16,17 +16,18 @@ import functools
 import logging
 import os
 import re
-import shlex
-import shutil
 import signal
 from collections import deque
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ExecutableError
+from ..resources import Grant
 from ..tasks import TaskFuture, TaskState
 from .base import TaskReporter, log_started
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 _log = logging.getLogger(__name__)
 
@@ -43,11 +44,16 @@ _NOT_FOUND = 127
 _CANNOT_EXECUTE = 126
 
 
-def _environment(overrides: Mapping[str, Any] | None) -> dict[str, str] | None:
-    if not overrides:
+def _environment(
+    overrides: Mapping[str, Any] | None, placement: Mapping[str, str] | None = None
+) -> dict[str, str] | None:
+    if not overrides and not placement:
         return None
     env = dict(os.environ)
-    env.update({str(k): str(v) for k, v in overrides.items()})
+    if placement:
+        env.update(placement)
+    if overrides:
+        env.update({str(k): str(v) for k, v in overrides.items()})
     return env
 
 
@@ -237,6 +243,8 @@ _SHELL_WORDS = frozenset(
 @functools.lru_cache(maxsize=256)
 def _on_path(program: str, path: str | None) -> bool:
     # Only a hint (it may be stale): a failed direct start falls back to sh.
+    import shutil
+
     return shutil.which(program, path=path) is not None
 
 
@@ -284,6 +292,8 @@ async def _exec_argv(argv: list[str], options: dict[str, Any]) -> Any:
             # An executable script without "#!": run it with sh, as execvp
             # and every shell do. Its arguments are passed, not parsed.
             if "/" not in program:
+                import shutil
+
                 search = os.pathsep.join(os.get_exec_path(options.get("env")))
                 program = shutil.which(program, path=search) or program
             return await asyncio.create_subprocess_exec(
@@ -297,6 +307,8 @@ async def _exec_argv(argv: list[str], options: dict[str, Any]) -> Any:
 
 async def _spawn(command: Any, argv_mode: bool, options: dict[str, Any]) -> Any:
     if argv_mode:
+        import shlex
+
         argv = shlex.split(command) if isinstance(command, str) else list(command)
         return await _exec_argv(argv, options)
     # Skipping ``sh -c`` for a plain command saves a process start.
@@ -352,6 +364,8 @@ class _Outputs:
     """
 
     def __init__(self, task: TaskFuture) -> None:
+        from pathlib import Path
+
         engine = task._engine
         folder = Path(engine.work_dir) / engine.uid
         _private_folder(folder, task)
@@ -409,9 +423,13 @@ async def run_command(
     task: TaskFuture,
     grace: float = TERMINATE_GRACE,
     groups: ProcessGroups | None = None,
+    placement: Mapping[str, str] | None = None,
+    cpu_ids: Sequence[int] = (),
 ) -> str:
     """Run ``task.command``; return its stdout or raise :class:`ExecutableError`.
 
+    ``placement`` (``CUDA_VISIBLE_DEVICES``, ``OMP_NUM_THREADS``, ...) is set
+    in its environment under the task's own ``env``; ``cpu_ids`` pins it.
     Cancelled, it stops the command's process group and re-raises only once
     the group is gone, however often it is cancelled meanwhile.
     """
@@ -428,9 +446,11 @@ async def run_command(
         "stdout": outputs.fds[0] if outputs else pipe,
         "stderr": outputs.fds[1] if outputs else pipe,
         "start_new_session": True,
-        "env": _environment(desc.get("env")),
+        "env": _environment(desc.get("env"), placement),
         "cwd": desc.get("cwd"),
     }
+    if cpu_ids:
+        options["preexec_fn"] = functools.partial(os.sched_setaffinity, 0, cpu_ids)
     finished = False
     try:
         returncode, out, err, started = await _run_process(
@@ -520,12 +540,22 @@ class SubprocessRunner:
     A stopped command holds its slot until its process group is gone.
     """
 
-    def __init__(self, limit: int, *, grace: float = TERMINATE_GRACE) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        grace: float = TERMINATE_GRACE,
+        on_end: Callable[[Grant], None] | None = None,
+    ) -> None:
         if limit < 1:
             raise ValueError(f"subprocess limit must be at least 1, got {limit}")
         self.limit = limit
         self.grace = grace
-        self._queue: deque[tuple[TaskFuture, int]] = deque()
+        #: Called with a command's grant once its process group is gone.
+        self.on_end = on_end
+        self._queue: deque[
+            tuple[TaskFuture, int, Grant | None, Mapping[str, str] | None]
+        ] = deque()
         #: The attempt each queued task waits to run; a withdrawn or stale
         #: queue entry is skipped when it comes up.
         self._waiting: dict[TaskFuture, int] = {}
@@ -537,8 +567,16 @@ class SubprocessRunner:
     def bind(self, reporter: TaskReporter) -> None:
         self._reporter = reporter
 
-    def submit(self, task: TaskFuture) -> None:
-        self._queue.append((task, task.attempts))
+    def submit(
+        self,
+        task: TaskFuture,
+        grant: Grant | None = None,
+        placement: Mapping[str, str] | None = None,
+    ) -> None:
+        """Queue ``task``'s command; ``grant`` (what it was admitted with) is
+        handed to ``on_end`` when it is over, ``placement`` set in its
+        environment."""
+        self._queue.append((task, task.attempts, grant, placement))
         self._waiting[task] = task.attempts
         self._pump()
 
@@ -547,30 +585,50 @@ class SubprocessRunner:
         reporter = self._reporter
         assert reporter is not None
         while queue and len(self._running) < self.limit and not self._closed:
-            task, attempt = queue.popleft()
-            if waiting.get(task) != attempt:
+            task, attempt, grant, placement = queue.popleft()
+            if waiting.get(task) != attempt or (
+                task.state is not TaskState.RUNNING or task.attempts != attempt
+            ):
+                if waiting.get(task) == attempt:
+                    del waiting[task]
+                if grant is not None and self.on_end is not None:
+                    self.on_end(grant)
                 continue
             del waiting[task]
-            if task.state is not TaskState.RUNNING or task.attempts != attempt:
-                continue
             # Its timeout counts from here, not from its time in the queue.
             reporter.started(task, attempt)
-            runner = asyncio.get_running_loop().create_task(self._run(task, attempt))
+            runner = asyncio.get_running_loop().create_task(
+                self._run(task, attempt, grant, placement)
+            )
             # A callback, not a ``finally`` in _run: a runner cancelled before
             # its first step never enters its body, and would keep its slot.
-            runner.add_done_callback(self._ended)
+            runner.add_done_callback(functools.partial(self._ended, grant))
             task._handle = runner
             self._running.add(runner)
 
-    def _ended(self, runner: asyncio.Task[None]) -> None:
+    def _ended(self, grant: Grant | None, runner: asyncio.Task[None]) -> None:
         self._running.discard(runner)
+        if grant is not None and self.on_end is not None:
+            self.on_end(grant)
         self._pump()
 
-    async def _run(self, task: TaskFuture, attempt: int) -> None:
+    async def _run(
+        self,
+        task: TaskFuture,
+        attempt: int,
+        grant: Grant | None = None,
+        placement: Mapping[str, str] | None = None,
+    ) -> None:
         reporter = self._reporter
         assert reporter is not None
         try:
-            stdout = await run_command(task, self.grace, self._groups)
+            stdout = await run_command(
+                task,
+                self.grace,
+                self._groups,
+                placement,
+                grant.cpu_ids if grant is not None else (),
+            )
         except asyncio.CancelledError:
             pass
         except Exception as exc:

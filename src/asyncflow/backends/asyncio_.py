@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
+from ..resources import (
+    Capacity,
+    Gate,
+    Grant,
+    set_current,
+)
 from ..tasks import TaskFuture, TaskKind, TaskState
 from ._pool import DaemonThreadPool
 from ._subprocess import SubprocessRunner
@@ -35,10 +43,16 @@ class AsyncioExecutionBackend(ExecutionBackend):
     body stuck in a blocking call cannot keep the program alive after
     shutdown. Executable tasks run as subprocesses, at most
     ``max_subprocesses`` at once (default: the number of CPUs).
+
+    Resources (docs/resources.md): ``cpus``, ``gpus``, ``memory`` and
+    ``custom`` are what the backend hands out, as on
+    :class:`~asyncflow.LocalExecutionBackend`; coroutines mostly wait, so
+    ``cpus`` is unbounded unless given.
     """
 
     kinds = frozenset({TaskKind.FUNCTION, TaskKind.EXECUTABLE})
     reports_start = True
+    honours_resources = True
 
     def __init__(
         self,
@@ -46,9 +60,17 @@ class AsyncioExecutionBackend(ExecutionBackend):
         *,
         max_subprocesses: int | None = None,
         max_threads: int | None = None,
+        cpus: int | None = None,
+        gpus: int | Sequence[str] | str | None = None,
+        memory: int | str | None = None,
+        custom: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(name)
-        self._subprocesses = SubprocessRunner(max_subprocesses or os.cpu_count() or 1)
+        limit = max_subprocesses or os.cpu_count() or 1
+        self._subprocesses = SubprocessRunner(limit, on_end=self._executable_ended)
+        #: What this backend hands out to tasks (docs/resources.md).
+        self.capacity = Capacity(cpus, gpus, memory, custom)
+        self._gate = Gate(self.capacity, {"fn": None, "exec": limit}, self._start, name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_threads = max_threads
         self._threads: DaemonThreadPool | None = None  # made on first use
@@ -59,15 +81,37 @@ class AsyncioExecutionBackend(ExecutionBackend):
         self._subprocesses.bind(reporter)
 
     def submit(self, tasks: Sequence[TaskFuture]) -> None:
+        if len(tasks) > 1 and any(t._definition.priority for t in tasks):
+            tasks = sorted(tasks, key=lambda t: -t._definition.priority)
+        for task, error in self._gate.offer(tasks):
+            self.reporter.failed(task, error)
+
+    def _start(self, task: TaskFuture, attempt: int, grant: Grant) -> None:
+        """Start an admitted task (always on the loop: all work ends there)."""
+        if task._definition.kind is TaskKind.EXECUTABLE:
+            placed = task._definition.resources is not None
+            self._subprocesses.submit(
+                task,
+                grant,
+                grant.environment(self.capacity.manages_gpus) if placed else None,
+            )
+            return
         loop = self._loop
         assert loop is not None
-        for task in tasks:
-            if task._definition.kind is TaskKind.EXECUTABLE:
-                self._subprocesses.submit(task)
-            else:
-                task._handle = loop.create_task(self._run(task, task.attempts))
+        runner = loop.create_task(self._run(task, attempt, grant))
+        runner.add_done_callback(functools.partial(self._ran, grant))
+        task._handle = runner
 
-    async def _run(self, task: TaskFuture, attempt: int) -> None:
+    def _executable_ended(self, grant: Grant) -> None:
+        self._gate.release(grant, "exec")
+
+    def _ran(self, grant: Grant, runner: asyncio.Task[None]) -> None:
+        # A callback, not a ``finally``: a runner cancelled before its first
+        # step never enters its body, and would keep what it holds.
+        self._gate.release(grant, "fn")
+
+    async def _run(self, task: TaskFuture, attempt: int, grant: Grant) -> None:
+        set_current(grant)  # this asyncio task's own context
         definition = task._definition
         reporter = self.reporter
         log_started(task)
@@ -82,7 +126,8 @@ class AsyncioExecutionBackend(ExecutionBackend):
                         self._max_threads, thread_name_prefix=f"asyncflow-{self.name}"
                     )
                 call = partial(_started_then_call, reporter, task, attempt)
-                pending = self._threads.submit(call)
+                # In this task's context: current_resources() sees its grant.
+                pending = self._threads.submit(contextvars.copy_context().run, call)
                 try:
                     value = await asyncio.wrap_future(pending)
                 finally:
@@ -125,9 +170,11 @@ class AsyncioExecutionBackend(ExecutionBackend):
             task._handle.cancel()
 
     def kill(self) -> None:
+        self._gate.close()
         self._subprocesses.kill_all()
 
     async def shutdown(self) -> None:
+        self._gate.close()
         await self._subprocesses.shutdown()
         if self._threads is not None:
             # Daemon threads: one stuck in a blocking call is left behind and

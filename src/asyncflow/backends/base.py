@@ -14,7 +14,13 @@ from typing import Protocol
 
 from ..tasks import TaskFuture, TaskKind
 
-__all__ = ["ExecutionBackend", "TaskReporter", "log_started"]
+__all__ = ["REMOTE", "ExecutionBackend", "TaskReporter", "log_started"]
+
+#: The result a backend reports for a task whose value it keeps where the
+#: task ran (``task._remote`` is its handle on it): the task is DONE at once,
+#: and the engine asks the backend's ``fetch`` for the value only when
+#: someone needs it here.
+REMOTE: object = object()
 
 _log = logging.getLogger("asyncflow.backends")
 
@@ -51,6 +57,10 @@ class TaskReporter(Protocol):
 
     def failed(self, task: TaskFuture, error: BaseException) -> None: ...
 
+    def fetched(self, task: TaskFuture, ok: bool, value: object) -> None:
+        """The value of a task reported as ``REMOTE`` is here (``ok``), or
+        ``value`` is the exception saying why it cannot come (loop thread)."""
+
     def report_threadsafe(
         self, task: TaskFuture, ok: bool, value: object, attempt: int | None = None
     ) -> None:
@@ -72,6 +82,17 @@ class ExecutionBackend(abc.ABC):
     #: work really begins (after any queueing of its own); a task's timeout
     #: then counts running time only. Otherwise it starts at submission.
     reports_start: bool = False
+
+    #: True when the backend admits tasks by their ``resources=`` (and places
+    #: them); otherwise it logs one warning the first time such a task comes.
+    honours_resources: bool = False
+
+    #: True when the backend takes a function task's dependencies as the
+    #: :class:`TaskFuture` objects themselves (in ``args``/``kwargs``), so that
+    #: it can pass values it keeps (``task._remote``) without fetching them.
+    #: It may then also be handed a function task whose dependencies still run
+    #: on it; it must start the task only once they have succeeded.
+    passes_futures: bool = False
 
     #: Task kinds this backend can run; others fail with NotImplementedError.
     kinds: frozenset[TaskKind] = frozenset(
@@ -108,6 +129,13 @@ class ExecutionBackend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, task: TaskFuture) -> None:
         """Stop a running task's work as far as possible (best effort)."""
+
+    def fetch(self, task: TaskFuture) -> None:
+        """Bring the value of a task it reported with the result :data:`REMOTE`
+        into this process, then call ``reporter.fetched(task, ok, value)``.
+        Asked also while such a task still runs, when someone starts waiting
+        for it. Only backends that report such results are asked."""
+        raise NotImplementedError(f"backend {self.name!r} keeps no task values")
 
     def kill(self) -> None:  # noqa: B027 - optional: most backends hold no processes
         """Stop all running work at once, without grace (a second Ctrl-C).

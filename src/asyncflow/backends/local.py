@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import sys
 import threading
-from collections import deque
-from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Generator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from time import perf_counter as _perf_counter
 from time import time as _time
-from typing import Any
-
-import cloudpickle
+from typing import Any, Literal
 
 from .._signals import exit_past_stuck_threads
 from ..errors import WorkerLostError
+from ..resources import (
+    SHORT_TASK,
+    Capacity,
+    Gate,
+    Grant,
+    Held,
+    detect_cpus,
+    reset_current,
+    set_current,
+)
 from ..tasks import TaskFuture, TaskKind, TaskState
 from ._pool import DaemonThreadPool
 from ._subprocess import SubprocessRunner
@@ -57,28 +66,225 @@ def _worker_loop() -> asyncio.AbstractEventLoop:
 _Coroutines = dict[TaskFuture, tuple[asyncio.AbstractEventLoop, "asyncio.Task[Any]"]]
 
 
-def _call_in_thread(
+def _drain_in_thread(
+    task: TaskFuture,
+    attempt: int,
+    grant: Grant,
+    reporter: TaskReporter,
+    coroutines: _Coroutines,
+    stops: set[TaskFuture],
+    gate: Gate,
+) -> None:
+    """Run an admitted task, then, in the same worker, each next one the gate
+    admits with what it gave back: a busy pool drains the queue without a
+    hand-over per task."""
+    held: Held | None = None
+    while True:
+        began = _perf_counter()
+        ran = 1
+        together: list[tuple[TaskFuture, int]] = []
+        if held is not None and task._definition.is_async:
+            together.append((task, attempt))
+        else:
+            _run_granted(task, attempt, grant, reporter, coroutines, stops)
+        if held is not None:
+            while True:
+                try:
+                    extra, extra_attempt = held.popleft()
+                except IndexError:
+                    break
+                if extra._definition.is_async:
+                    # Short async bodies share one turn of the worker's loop.
+                    together.append((extra, extra_attempt))
+                else:
+                    _run_granted(
+                        extra, extra_attempt, grant, reporter, coroutines, stops
+                    )
+                ran += 1
+            gate.unhold(held)
+            if together:
+                _run_together(together, grant, reporter, coroutines, stops)
+        # Only short tasks are taken several at a time: a worker never holds
+        # long work that an idle one could have run.
+        short = _perf_counter() - began < SHORT_TASK * ran
+        # The chunk ran in the first task's slot: give that back once.
+        following = gate.release(grant, "fn", keep="fn", chunk=short)
+        if following is None:
+            return
+        (task, attempt, grant), held = following
+
+
+def _run_granted(
+    task: TaskFuture,
+    attempt: int,
+    grant: Grant,
+    reporter: TaskReporter,
+    coroutines: _Coroutines,
+    stops: set[TaskFuture],
+) -> None:
+    token = set_current(grant)
+    pinned = _pin(grant.cpu_ids)
+    try:
+        _run_in_thread(task, attempt, reporter, coroutines, stops)
+    finally:
+        if pinned:
+            _unpin()
+        reset_current(token)
+
+
+def _run_together(
+    tasks: list[tuple[TaskFuture, int]],
+    grant: Grant,
+    reporter: TaskReporter,
+    coroutines: _Coroutines,
+    stops: set[TaskFuture],
+) -> None:
+    """Run short ``async def`` bodies side by side on the worker's loop: one
+    ``run_until_complete`` for all instead of one each."""
+    loop = _worker_loop()
+    report = reporter.report_threadsafe
+    token = set_current(grant)  # copied into each task's context
+    pinned = _pin(grant.cpu_ids)
+    running: list[asyncio.Task[Any]] = []
+    try:
+        for task, attempt in tasks:
+            begun = _begin(task, attempt, reporter, stops)
+            if begun is False:
+                continue
+            handle = begun
+            definition = task._definition
+            try:
+                runner = loop.create_task(
+                    definition.function(*task.args, **task.kwargs)
+                )
+            except BaseException as exc:  # the call itself raised
+                stops.discard(task)
+                task.finished_at = _time()
+                report(task, False, exc, attempt)
+                if handle is not None:
+                    handle.set_result(None)
+                continue
+            coroutines[task] = (loop, runner)
+            if task in stops:  # cancelled before it was registered
+                runner.cancel()
+            # Each outcome is reported as soon as it is in, not with the last.
+            runner.add_done_callback(
+                functools.partial(
+                    _ended_together, task, attempt, handle, report, coroutines, stops
+                )
+            )
+            running.append(runner)
+        if running:
+            loop.run_until_complete(asyncio.wait(running))
+    finally:
+        if pinned:
+            _unpin()
+        reset_current(token)
+
+
+def _ended_together(
+    task: TaskFuture,
+    attempt: int,
+    handle: Future[None] | None,
+    report: Callable[[TaskFuture, bool, object, int | None], None],
+    coroutines: _Coroutines,
+    stops: set[TaskFuture],
+    runner: asyncio.Task[Any],
+) -> None:
+    coroutines.pop(task, None)
+    stops.discard(task)
+    if task.attempts == attempt:
+        task.finished_at = _time()
+        if runner.cancelled():
+            report(task, False, asyncio.CancelledError(), attempt)
+        else:
+            error = runner.exception()
+            if error is None:
+                report(task, True, runner.result(), attempt)
+            else:
+                report(task, False, error, attempt)
+    elif not runner.cancelled():
+        runner.exception()  # an abandoned attempt: retrieved, not logged
+    if handle is not None:
+        handle.set_result(None)
+
+
+def _pin(cpu_ids: tuple[int, ...]) -> bool:
+    """Pin the calling thread to ``cpu_ids`` (when CPU pinning is on)."""
+    if not cpu_ids:
+        return False
+    try:
+        os.sched_setaffinity(threading.get_native_id(), cpu_ids)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return False
+    return True
+
+
+_ALL_CPUS: tuple[int, ...] = ()
+
+
+def _unpin() -> None:
+    global _ALL_CPUS
+    if not _ALL_CPUS:
+        _ALL_CPUS = tuple(os.sched_getaffinity(0)) or (0,)
+    try:
+        os.sched_setaffinity(threading.get_native_id(), _ALL_CPUS)
+    except OSError:  # pragma: no cover
+        pass
+
+
+def _run_in_thread(
     task: TaskFuture,
     attempt: int,
     reporter: TaskReporter,
     coroutines: _Coroutines,
     stops: set[TaskFuture],
 ) -> None:
+    handle = _begin(task, attempt, reporter, stops)
+    if handle is False:
+        return
+    try:
+        _body_in_thread(task, attempt, reporter.report_threadsafe, coroutines, stops)
+    finally:
+        if handle is not None:
+            handle.set_result(None)
+
+
+def _begin(
+    task: TaskFuture, attempt: int, reporter: TaskReporter, stops: set[TaskFuture]
+) -> Future[None] | Literal[False] | None:
+    """Start an attempt's work in this thread: ``False`` when it must not run
+    (cancelled, retried or shut down while it waited), else its handle."""
     if (
         task.state is not _RUNNING
         or task.attempts != attempt
         or task._engine._scheduler.closing
-    ):  # cancelled, retried or shut down while queued
+    ):
         stops.discard(task)
-        return
+        return False
     log_started(task)
-    definition = task._definition
-    report = reporter.report_threadsafe
     # Reported at once only when a timeout must start; otherwise the engine
     # reads the time when the outcome arrives.
     task.started_at = _time()
-    if definition.reliability is not None:
-        reporter.started_threadsafe(task, attempt)
+    if task._definition.reliability is None:
+        return None
+    # Done when this attempt's work is over: a retry after a timeout waits
+    # for it (two attempts of one call never run at once).
+    handle: Future[None] = Future()
+    task._handle = handle
+    handle.set_running_or_notify_cancel()
+    reporter.started_threadsafe(task, attempt)
+    return handle
+
+
+def _body_in_thread(
+    task: TaskFuture,
+    attempt: int,
+    report: Callable[[TaskFuture, bool, object, int | None], None],
+    coroutines: _Coroutines,
+    stops: set[TaskFuture],
+) -> None:
+    definition = task._definition
     try:
         if definition.is_async:
             loop = _worker_loop()
@@ -113,18 +319,34 @@ def _call_in_thread(
             report(task, True, value, attempt)
 
 
+def _process_pool_type() -> tuple[type[Executor], ...]:
+    """``(ProcessPoolExecutor,)`` once its module is loaded, else ``()``: no
+    process pool can exist before, and loading it costs multiprocessing."""
+    module = sys.modules.get("concurrent.futures.process")
+    return () if module is None else (module.ProcessPoolExecutor,)
+
+
 class _Unpicklable(TypeError):
     """What a process-pool task could not send across the process boundary."""
 
 
 def _call_in_process(payload: bytes) -> bytes:
-    function, is_async, args, kwargs, uid, name = cloudpickle.loads(payload)
+    import cloudpickle
+
+    function, is_async, args, kwargs, uid, name, grant = cloudpickle.loads(payload)
     if log.isEnabledFor(logging.DEBUG):  # a forked worker inherits the handler
         log.debug("started %s in process %d", uid, os.getpid())
-    if is_async:
-        value = _worker_loop().run_until_complete(function(*args, **kwargs))
-    else:
-        value = function(*args, **kwargs)
+    token = set_current(grant)
+    pinned = _pin(grant.cpu_ids)
+    try:
+        if is_async:
+            value = _worker_loop().run_until_complete(function(*args, **kwargs))
+        else:
+            value = function(*args, **kwargs)
+    finally:
+        if pinned:
+            _unpin()
+        reset_current(token)
     # Pickled here, so that the error can say it was the result.
     try:
         return bytes(cloudpickle.dumps(value))
@@ -137,6 +359,8 @@ def _call_in_process(payload: bytes) -> bytes:
 
 def _pickling_error(task: TaskFuture, exc: Exception) -> _Unpicklable:
     """Say which part of a task could not be pickled for a process pool."""
+    import cloudpickle
+
     definition = task._definition
     parts: list[tuple[str, Any]] = [("its function", definition.function)]
     parts += [(f"argument {i + 1}", a) for i, a in enumerate(task.args)]
@@ -172,10 +396,19 @@ class LocalExecutionBackend(ExecutionBackend):
     pools: a blocking call cannot be interrupted; the non-daemon threads of a
     ``ThreadPoolExecutor`` still delay interpreter exit) or killed (process
     pools).
+
+    Resources (docs/resources.md): ``cpus`` (default: the CPUs this process
+    may use, or the pool's worker count if larger, so that tasks declaring
+    nothing run one per worker), ``gpus`` (a count, device ids, or detected
+    from ``CUDA_VISIBLE_DEVICES`` / ``nvidia-smi``), ``memory`` (bytes or
+    ``"256GiB"``; default the machine's) and ``custom`` counts are what the
+    backend hands out; a task starts only when all it asks for is free, in
+    priority order. ``pin_cpus=True`` pins each task to its own CPUs.
     """
 
     kinds = frozenset({TaskKind.FUNCTION, TaskKind.EXECUTABLE})
     reports_start = True
+    honours_resources = True
 
     def __init__(
         self,
@@ -183,34 +416,57 @@ class LocalExecutionBackend(ExecutionBackend):
         name: str = "default",
         *,
         shutdown_timeout: float = 5.0,
+        cpus: int | None = None,
+        gpus: int | Sequence[str] | str | None = None,
+        memory: int | str | None = None,
+        custom: Mapping[str, int] | None = None,
+        pin_cpus: bool = False,
     ) -> None:
         super().__init__(name)
+        process_pool = _process_pool_type()
         if executor is None:
             executor = DaemonThreadPool(thread_name_prefix=f"asyncflow-{name}")
         elif not isinstance(
-            executor, (ThreadPoolExecutor, ProcessPoolExecutor, DaemonThreadPool)
+            executor, (ThreadPoolExecutor, DaemonThreadPool, *process_pool)
         ):
             raise TypeError(
                 "LocalExecutionBackend needs a ThreadPoolExecutor or a "
                 f"ProcessPoolExecutor, got {type(executor).__name__}"
             )
         self.executor: Executor = executor
-        self.processes = isinstance(executor, ProcessPoolExecutor)
+        self.processes = isinstance(executor, process_pool)
         self.max_workers: int = getattr(executor, "_max_workers", None) or (
             os.cpu_count() or 1
         )
         self.shutdown_timeout = shutdown_timeout
-        self._subprocesses = SubprocessRunner(self.max_workers)
+        #: What this backend hands out to tasks (docs/resources.md).
+        self.capacity = Capacity(
+            cpus,
+            gpus,
+            memory,
+            custom,
+            default_cpus=max(detect_cpus(), self.max_workers),
+            pin_cpus=pin_cpus,
+        )
+        self._gate = Gate(
+            self.capacity,
+            {"fn": self.max_workers, "exec": self.max_workers},
+            self._start,
+            name,
+        )
+        self._loop_thread: int | None = None
+        self._subprocesses = SubprocessRunner(
+            self.max_workers, on_end=self._executable_ended
+        )
         # async bodies running in worker threads, for cancel()
         self._coroutines: _Coroutines = {}
         # Cancels that found no coroutine yet: its worker checks here.
         self._stops: set[TaskFuture] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        # Process pools: tasks waiting for a worker, tasks in one, and tasks
-        # whose worker was killed to stop another task.
-        self._queued: deque[tuple[TaskFuture, int]] = deque()
-        self._in_flight: dict[Future[Any], tuple[TaskFuture, int]] = {}
+        # Process pools: tasks in a worker, and tasks whose worker was
+        # killed to stop another task.
+        self._in_flight: dict[Future[Any], tuple[TaskFuture, int, Grant]] = {}
         self._victims: set[Future[Any]] = set()
         # Workers killed to stop a task: shutdown waits until they are gone.
         self._killed: list[Any] = []
@@ -227,70 +483,113 @@ class LocalExecutionBackend(ExecutionBackend):
         await super().attach(reporter)
         self._subprocesses.bind(reporter)
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     def submit(self, tasks: Sequence[TaskFuture]) -> None:
-        reporter = self.reporter
-        submit = self.executor.submit if not self.processes else None
-        for task in tasks:
+        if len(tasks) > 1 and any(t._definition.priority for t in tasks):
+            tasks = sorted(tasks, key=_by_priority)
+        for task, error in self._gate.offer(tasks):
+            self.reporter.failed(task, error)
+
+    def _start(self, task: TaskFuture, attempt: int, grant: Grant) -> None:
+        """Start an admitted task (any thread: the one that freed room)."""
+        if task._definition.kind is TaskKind.EXECUTABLE or self.processes:
+            if threading.get_ident() != self._loop_thread:
+                loop = self._loop
+                assert loop is not None
+                try:
+                    loop.call_soon_threadsafe(self._start_on_loop, task, attempt, grant)
+                except RuntimeError:  # the loop is closed: nothing runs any more
+                    pass
+                return
+            self._start_on_loop(task, attempt, grant)
+            return
+        try:
+            worker = self.executor.submit(
+                _drain_in_thread,
+                task,
+                attempt,
+                grant,
+                self.reporter,
+                self._coroutines,
+                self._stops,
+                self._gate,
+            )
+            worker.add_done_callback(_log_crash)
+        except Exception as exc:
+            self._gate.release(grant, "fn")
+            self._report_threadsafe(task, exc, attempt)
+
+    def _report_threadsafe(
+        self, task: TaskFuture, error: BaseException, attempt: int
+    ) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self.reporter.failed(task, error)
+        else:
+            self.reporter.report_threadsafe(task, False, error, attempt)
+
+    def _start_on_loop(self, task: TaskFuture, attempt: int, grant: Grant) -> None:
+        if task._definition.kind is TaskKind.EXECUTABLE:
+            placed = task._definition.resources is not None
             try:
-                if task._definition.kind is TaskKind.EXECUTABLE:
-                    self._subprocesses.submit(task)
-                elif self.processes:
-                    self._queued.append((task, task.attempts))
-                else:
-                    task._handle = submit(  # type: ignore[misc]
-                        _call_in_thread,
-                        task,
-                        task.attempts,
-                        reporter,
-                        self._coroutines,
-                        self._stops,
-                    )
+                self._subprocesses.submit(
+                    task,
+                    grant,
+                    grant.environment(self.capacity.manages_gpus) if placed else None,
+                )
             except Exception as exc:
-                reporter.failed(task, exc)
-        if self._queued:
-            self._pump_processes()
+                self._gate.release(grant, "exec")
+                self.reporter.failed(task, exc)
+            return
+        self._start_process(task, attempt, grant)
+
+    def _executable_ended(self, grant: Grant) -> None:
+        self._gate.release(grant, "exec")
 
     # -- process pools --------------------------------------------------------
-    # At most one task per worker is handed to the executor, so that a task
-    # handed over is running: its timeout counts running time, and a task to
-    # stop is known to be in a worker, which is killed.
+    # At most one task per worker is handed to the executor (the gate's "fn"
+    # lane has max_workers slots), so that a task handed over is running: its
+    # timeout counts running time, and a task to stop is known to be in a
+    # worker, which is killed.
 
-    def _pump_processes(self) -> None:
+    def _start_process(self, task: TaskFuture, attempt: int, grant: Grant) -> None:
+        import cloudpickle
+
         reporter = self.reporter
-        queued = self._queued
-        while queued and len(self._in_flight) < self.max_workers and not self._closed:
-            task, attempt = queued.popleft()
-            if task.state is not _RUNNING or task.attempts != attempt:
-                continue
-            definition = task._definition
-            try:
-                payload = cloudpickle.dumps(
-                    (
-                        definition.function,
-                        definition.is_async,
-                        task.args,
-                        task.kwargs,
-                        task.uid,
-                        task.name,
-                    )
+        if self._closed or task.state is not _RUNNING or task.attempts != attempt:
+            self._gate.release(grant, "fn")
+            return
+        definition = task._definition
+        try:
+            payload = cloudpickle.dumps(
+                (
+                    definition.function,
+                    definition.is_async,
+                    task.args,
+                    task.kwargs,
+                    task.uid,
+                    task.name,
+                    grant,
                 )
-            except Exception as exc:
-                reporter.failed(task, _pickling_error(task, exc))
-                continue
-            if getattr(self.executor, "_broken", False):
-                self._replace_pool(
-                    "a worker process died and broke the pool; started a new one"
-                )
-            try:
-                future = self.executor.submit(_call_in_process, payload)
-            except Exception as exc:
-                reporter.failed(task, exc)
-                continue
-            task._handle = future
-            self._in_flight[future] = (task, attempt)
-            future.add_done_callback(self._process_done_threadsafe)
-            reporter.started(task, attempt)
+            )
+        except Exception as exc:
+            self._gate.release(grant, "fn")
+            reporter.failed(task, _pickling_error(task, exc))
+            return
+        if getattr(self.executor, "_broken", False):
+            self._replace_pool(
+                "a worker process died and broke the pool; started a new one"
+            )
+        try:
+            future = self.executor.submit(_call_in_process, payload)
+        except Exception as exc:
+            self._gate.release(grant, "fn")
+            reporter.failed(task, exc)
+            return
+        task._handle = future
+        self._in_flight[future] = (task, attempt, grant)
+        future.add_done_callback(self._process_done_threadsafe)
+        reporter.started(task, attempt)
 
     def _process_done_threadsafe(self, future: Future[Any]) -> None:
         loop = self._loop
@@ -301,19 +600,24 @@ class LocalExecutionBackend(ExecutionBackend):
             pass
 
     def _process_done(self, future: Future[Any]) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        import cloudpickle
+
         entry = self._in_flight.pop(future, None)
         if entry is None:
             return
-        task, attempt = entry
+        task, attempt, grant = entry
         error = None if future.cancelled() else future.exception()
         lost = future.cancelled() or isinstance(error, BrokenProcessPool)
         if future in self._victims:
             self._victims.discard(future)
             if lost:
-                # Its worker was killed to stop another task: run it again.
+                # Its worker was killed to stop another task: run it again,
+                # ahead of the tasks waiting.
+                self._gate.release(grant, "fn")
                 if task.state is _RUNNING and task.attempts == attempt:
-                    self._queued.appendleft((task, attempt))
-                self._pump_processes()
+                    self._gate.offer([task], front=True)
                 return
         if not future.cancelled() and task.attempts == attempt:
             reporter = self.reporter
@@ -335,7 +639,7 @@ class LocalExecutionBackend(ExecutionBackend):
                     worker_lost.__cause__ = error
                     error = worker_lost
                 reporter.failed(task, error)
-        self._pump_processes()
+        self._gate.release(grant, "fn")
 
     def _kill_pool(self, target: Future[Any] | None) -> int:
         """Kill the pool's workers (to stop ``target``, or all work) and start a
@@ -356,6 +660,8 @@ class LocalExecutionBackend(ExecutionBackend):
         return killed
 
     def _replace_pool(self, why: str) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
         broken = self.executor
         self.executor = ProcessPoolExecutor(
             max_workers=self.max_workers,
@@ -369,38 +675,45 @@ class LocalExecutionBackend(ExecutionBackend):
     # -- cancellation and shutdown --------------------------------------------
 
     def cancel(self, task: TaskFuture) -> None:
+        definition = task._definition
+        if definition.kind is TaskKind.EXECUTABLE:
+            self._subprocesses.cancel(task)
+            return
         handle = task._handle
-        if isinstance(handle, Future):
-            if handle.cancel():
-                return
-            if self.processes:
+        if self.processes:
+            if isinstance(handle, Future):
+                if handle.cancel():
+                    return
                 if handle in self._in_flight and not handle.done():
                     self._kill_pool(handle)
-                return
-            if handle.done():
-                return
-            running = self._coroutines.get(task)
-            if running is None:  # not registered yet, or a plain body
-                self._stops.add(task)
-            else:  # an async body: cancel it in its thread
-                loop, runner = running
-                try:
-                    loop.call_soon_threadsafe(runner.cancel)
-                except RuntimeError:  # the worker's loop is already closed
-                    pass
-        else:
-            self._subprocesses.cancel(task)
+            return
+        # Threads: a task still waiting ends at once when a worker takes it
+        # (and gives its resources back then); a plain body cannot be stopped.
+        if not definition.is_async:
+            return
+        running = self._coroutines.get(task)
+        if running is None:  # not started, or not registered yet
+            stops = self._stops
+            if len(stops) > 1024:  # forget the ones that never started
+                stops.difference_update([t for t in stops if t.state is not _RUNNING])
+            stops.add(task)
+        else:  # an async body: cancel it in its thread
+            loop, runner = running
+            try:
+                loop.call_soon_threadsafe(runner.cancel)
+            except RuntimeError:  # the worker's loop is already closed
+                pass
 
     def kill(self) -> None:
         self._closed = True
-        self._queued.clear()
+        self._gate.close()
         self._subprocesses.kill_all()
         if self.processes:
             self._kill_pool(None)
 
     async def shutdown(self) -> None:
         self._closed = True
-        self._queued.clear()
+        self._gate.close()
         self._stops.clear()
         await self._subprocesses.shutdown()
         executor = self.executor
@@ -418,7 +731,12 @@ class LocalExecutionBackend(ExecutionBackend):
             executor.shutdown(wait=True)
 
         try:
-            await asyncio.wait_for(_in_daemon_thread(join), self.shutdown_timeout)
+            if manager is None and not (
+                workers or stopped or getattr(executor, "_threads", None)
+            ):
+                join()  # no worker was ever started: nothing to wait for
+            else:
+                await asyncio.wait_for(_in_daemon_thread(join), self.shutdown_timeout)
         except asyncio.TimeoutError:
             if self.processes:
                 killed = _kill(workers)
@@ -471,8 +789,24 @@ def _set_done(done: asyncio.Future[None], error: BaseException | None = None) ->
             done.set_exception(error)
 
 
+def _log_crash(worker: Future[None]) -> None:
+    error = None if worker.cancelled() else worker.exception()
+    if error is not None:  # a bug of ours: say so rather than hang quietly
+        log.error("a worker of the thread pool failed", exc_info=error)
+
+
+def _by_priority(task: TaskFuture) -> int:
+    return -task._definition.priority
+
+
 def _kill(processes: list[Any]) -> int:
     alive = [p for p in processes if p.is_alive()]
     for process in alive:
         process.kill()
     return len(alive)
+
+
+#: RADICAL AsyncFlow's earlier name for :class:`LocalExecutionBackend`, still
+#: used by its published pages: ``await ConcurrentExecutionBackend(
+#: ThreadPoolExecutor())`` works unchanged.
+ConcurrentExecutionBackend = LocalExecutionBackend
