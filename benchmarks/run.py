@@ -53,7 +53,7 @@ PEERS = (
 )
 #: Distributions whose versions the results record.
 VERSIONED = (
-    "asyncflow",
+    "asyncflow-workflows",
     "radical.asyncflow",
     "parsl",
     "dask",
@@ -77,10 +77,13 @@ MODULES = {
     "dask": "dask_",
 }
 SYSTEMS = tuple(MODULES)
+DASK_OURS = "AsyncFlow (ours), DaskExecutionBackend"
 
 TASKS_PER_S = "tasks/s"
 US_PER_HOP = "µs/hop"
-HIGHER_IS_BETTER = {TASKS_PER_S: True, US_PER_HOP: False}
+#: Milliseconds per operation: the median of the operations of one run.
+MS_EACH = "ms"
+HIGHER_IS_BETTER = {TASKS_PER_S: True, US_PER_HOP: False, MS_EACH: False}
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,24 @@ GROUPS: tuple[Group, ...] = (
                 200,
                 label="AsyncFlow (ours), progress",
                 note="plain-line mode (stderr is not a terminal)",
+            ),
+        ),
+    ),
+    Group(
+        "W1 resources",
+        "W1",
+        "the same 10,000 no-op def tasks, with and without resources= "
+        "(1 cpu, 1 MiB, 1 of a custom resource) declared on every task",
+        TASKS_PER_S,
+        (
+            Case("asyncflow", 10_000, "def", 200, label="AsyncFlow (ours), plain"),
+            Case(
+                "asyncflow",
+                10_000,
+                "def-resources",
+                200,
+                label="AsyncFlow (ours), resources",
+                note="every task admitted against cpus, memory and a custom count",
             ),
         ),
     ),
@@ -284,8 +305,74 @@ GROUPS: tuple[Group, ...] = (
             Case("dask", 2_000, note="2,000 maps (3,999 tasks)"),
         ),
     ),
+    # Our DaskExecutionBackend beside raw Dask on the same cluster shape
+    # (one in-process worker, 4 threads) with the same task bodies.
+    Group(
+        "W1 dask",
+        "W1",
+        "wide on Dask: 5,000 no-op tasks, each result fetched",
+        TASKS_PER_S,
+        (
+            Case("asyncflow", 5_000, "dask", 50, label=DASK_OURS),
+            Case("dask", 5_000, note="client.submit, then client.gather"),
+        ),
+    ),
+    Group(
+        "W2 dask",
+        "W2",
+        "chain on Dask: 500 tasks each taking the previous one's future",
+        US_PER_HOP,
+        (
+            Case("asyncflow", 500, "dask", 20, label=DASK_OURS),
+            Case("dask", 500, note="client.submit with the previous future"),
+        ),
+    ),
+    Group(
+        "W6 dask",
+        "W6",
+        "map-reduce on Dask: 2,000 maps + binary-tree reduce (3,999 tasks)",
+        TASKS_PER_S,
+        (
+            Case("asyncflow", 2_000, "dask", 50, label=DASK_OURS),
+            Case("dask", 2_000, note="Dask's own futures"),
+        ),
+    ),
+    # Start-up: what a program pays before its first task.
+    Group(
+        "S import",
+        "S",
+        'python -c "import asyncflow": a fresh interpreter, bytecode compiled; '
+        "median of 20 starts per run",
+        MS_EACH,
+        (
+            Case("asyncflow", 20, "import", label="AsyncFlow (ours)"),
+            Case(
+                "asyncflow",
+                20,
+                "import-asyncio",
+                label="Python + asyncio alone",
+                note='python -c "import asyncio": the floor under ours',
+            ),
+            Case(
+                "asyncflow",
+                20,
+                "import-python",
+                label="Python alone",
+                note='python -c "pass"',
+            ),
+        ),
+    ),
+    Group(
+        "S engine",
+        "S",
+        "engine create + shutdown, empty: `async with await "
+        "WorkflowEngine.create(): pass`, default thread backend; median of "
+        "2,000 in one process",
+        MS_EACH,
+        (Case("asyncflow", 2_000, "engine", label="AsyncFlow (ours)"),),
+    ),
 )
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "S")
 
 
 # -- running one case -----------------------------------------------------------
@@ -383,6 +470,8 @@ def run_once(
 
 
 def metric_of(metric: str, run: dict[str, Any]) -> float:
+    if metric == MS_EACH:
+        return float(run.get("op_median_s", run["wall_s"] / run["tasks"]) * 1e3)
     if metric == US_PER_HOP:
         return float(run["wall_s"] / run["tasks"] * 1e6)
     return float(run["tasks"] / run["wall_s"])
@@ -421,6 +510,8 @@ def summarize(group: Group, case: Case, runs: list[dict[str, Any]]) -> dict[str,
         "wall_s": _spread([r["wall_s"] for r in good]),
         "peak_rss_mb": _spread([r["peak_rss_mb"] for r in good]),
         "kb_per_task": _spread([kb_per_task(r) for r in good]),
+        # Optional modules a start-up run found loaded (S rows only).
+        "extras": _spread([len(r["extras"]) for r in good if "extras" in r]),
         "runs": runs,
     }
 
@@ -475,6 +566,10 @@ def _share_of(
     return lambda q: _at_least(floor)(
         _ratio(q(group, "asyncflow", variant), q(group, "asyncflow", base))
     )
+
+
+def _sum_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(v or 0 for v in values)
 
 
 def _min_or_none(values: list[float | None]) -> float | None:
@@ -575,6 +670,13 @@ TARGETS: tuple[Target, ...] = (
         _times,
     ),
     Target(
+        "W1",
+        "W1 with resources on every task: throughput >= 87% of the same run "
+        "without (at most 15% more time)",
+        _share_of("W1 resources", "def-resources", "def", 1 / 1.15),
+        _times,
+    ),
+    Target(
         "W4",
         "W4 checkpoint: throughput >= 90% of the same run without one",
         _share_of("W4 checkpoint", "threads-checkpoint", "threads", 0.9),
@@ -596,6 +698,50 @@ TARGETS: tuple[Target, ...] = (
                     for peer in ("parsl", "radical", "dask")
                 ]
             )
+        ),
+        _times,
+    ),
+    Target(
+        "S",
+        'python -c "import asyncflow" <= 35 ms',
+        lambda q: _at_most(35)(q("S import", "asyncflow", "import")),
+        lambda v: f"{v:.1f} ms",
+    ),
+    Target(
+        "S",
+        "no optional extra (dask, rich, matplotlib, opentelemetry, httpx, "
+        "rhapsody, ...) nor cloudpickle, multiprocessing or sqlite3 loaded by "
+        "import asyncflow or by a default engine",
+        lambda q: _at_most(0)(
+            _sum_or_none(
+                [
+                    q("S import", "asyncflow", "import", "extras"),
+                    q("S engine", "asyncflow", "engine", "extras"),
+                ]
+            )
+        ),
+        lambda v: f"{v:.0f} loaded",
+    ),
+    Target(
+        "S",
+        "engine create + shutdown, empty, default backend: <= 2 ms",
+        lambda q: _at_most(2)(q("S engine", "asyncflow", "engine")),
+        lambda v: f"{v:.2f} ms",
+    ),
+    Target(
+        "W1",
+        "W1 on Dask: our overhead over raw client.submit <= 1.2x (raw's "
+        "throughput / ours)",
+        lambda q: _at_most(1.2)(
+            _ratio(q("W1 dask", "dask", ""), q("W1 dask", "asyncflow", "dask"))
+        ),
+        _times,
+    ),
+    Target(
+        "W2",
+        "W2 on Dask: our time per hop <= 1.2x raw Dask's chain of futures",
+        lambda q: _at_most(1.2)(
+            _ratio(q("W2 dask", "asyncflow", "dask"), q("W2 dask", "dask", ""))
         ),
         _times,
     ),

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 from asyncflow import AsyncioExecutionBackend, LocalExecutionBackend, WorkflowEngine
 
 from ._common import PAUSE, Probe, main, map_reduce_result, tree_reduce
+from .asyncflow_dask import on_dask
 
 SYSTEM = "asyncflow"
 THREADS = 4
@@ -38,7 +44,9 @@ async def wide(size: int, variant: str) -> dict[str, Any]:
     """W1: independent no-op tasks on a thread pool.
 
     Variants ``def-trace`` and ``def-progress`` watch the same run with a
-    trace file (in the run's scratch directory) or the progress display.
+    trace file (in the run's scratch directory) or the progress display;
+    ``def-resources`` declares cpus, memory and a custom resource on every
+    task, all admitted by the backend.
     """
     probe = Probe()
     if variant in ("def-trace", "def-progress"):
@@ -51,7 +59,14 @@ async def wide(size: int, variant: str) -> dict[str, Any]:
         variant = "def"
     else:
         flow = await _engine("threads")
-    if variant == "def":
+    if variant == "def-resources":
+
+        @flow.function_task(resources={"cpus": 1, "memory": "1MiB", "slots": 1})
+        def noop() -> None:
+            return None
+
+        flow.backend.capacity.custom["slots"] = size  # type: ignore[attr-defined]
+    elif variant == "def":
 
         @flow.function_task
         def noop() -> None:
@@ -224,14 +239,105 @@ async def map_reduce(size: int, variant: str) -> dict[str, Any]:
     return map_reduce_result(total, size, probe)
 
 
-WORKLOADS = {
-    "W1": wide,
-    "W2": chain,
-    "W3": execs,
-    "W4": layered,
-    "W5": io_bound,
-    "W6": map_reduce,
+#: What ``import asyncflow`` and a default engine must not load: the
+#: optional extras, and the heavy modules only some features need (process
+#: pools and checkpoints: cloudpickle, multiprocessing, sqlite3).
+EXTRAS = (
+    "cloudpickle",
+    "dask",
+    "distributed",
+    "httpx",
+    "matplotlib",
+    "multiprocessing",
+    "openai",
+    "opentelemetry",
+    "rhapsody",
+    "rich",
+    "sqlite3",
+)
+#: Start-up variants timing a fresh interpreter running ``python -c CODE``.
+STARTS = {
+    "import": "import asyncflow",
+    "import-asyncio": "import asyncio",
+    "import-python": "pass",
 }
+#: Engines made and shut down before the timed ones (caches, first imports).
+ENGINE_WARMUP = 20
+
+
+def _extras(modules: Iterable[str]) -> list[str]:
+    loaded = set(modules)
+    return [name for name in EXTRAS if name in loaded]
+
+
+def startup(size: int, variant: str) -> Any:
+    """S: start-up costs, in ms per operation, the median of ``size`` of them.
+
+    ``import``: a fresh ``python -c "import asyncflow"``, interpreter start
+    included, with the package's bytecode compiled as an installed one has it
+    (one untimed start writes it first); ``import-asyncio`` and
+    ``import-python`` time ``import asyncio`` and ``pass`` the same way, the
+    floor under ours. ``engine``: ``async with await WorkflowEngine.create():
+    pass`` with the default thread backend, repeated in this process.
+    ``extras`` lists the modules of :data:`EXTRAS` loaded by then.
+    """
+    if variant == "engine":
+        return _engine_cycles(size)
+    code = STARTS.get(variant)
+    if code is None:
+        raise ValueError(f"unknown S variant {variant!r}")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    command = [sys.executable, "-c", code]
+    subprocess.run(command, env=env, check=True)
+    times = []
+    probe = Probe()
+    probe.start()
+    for _ in range(size):
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True)
+        times.append(time.perf_counter() - started)
+    probe.stop()
+    listed = subprocess.run(
+        [*command[:-1], f"{code}\nimport sys\nprint(*sys.modules)"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return probe.result(
+        tasks=size, op_median_s=statistics.median(times), extras=_extras(listed)
+    )
+
+
+async def _engine_cycles(size: int) -> dict[str, Any]:
+    probe = Probe()
+    for _ in range(ENGINE_WARMUP):
+        async with await WorkflowEngine.create():
+            pass
+    times = []
+    probe.start()
+    for _ in range(size):
+        started = time.perf_counter()
+        async with await WorkflowEngine.create():
+            pass
+        times.append(time.perf_counter() - started)
+    probe.stop()
+    return probe.result(
+        tasks=size, op_median_s=statistics.median(times), extras=_extras(sys.modules)
+    )
+
+
+WORKLOADS = on_dask(
+    {
+        "W1": wide,
+        "W2": chain,
+        "W3": execs,
+        "W4": layered,
+        "W5": io_bound,
+        "W6": map_reduce,
+        "S": startup,
+    }
+)
 
 if __name__ == "__main__":
     main(SYSTEM, WORKLOADS)

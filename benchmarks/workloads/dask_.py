@@ -5,7 +5,9 @@ for W3), so tasks run on a thread pool as on the other systems; the
 scheduler talks to it in-process and its HTTP servers bind 127.0.0.1 only.
 Each task is one ``client.submit``; futures passed as arguments are
 dependencies. Dask has no dry-run mode (W4) and no way to run ``async def``
-bodies as tasks (W5), so those are not run here.
+bodies as tasks (W5), so those are not run here. The same cluster
+(:data:`CLUSTER`) and task bodies run our ``DaskExecutionBackend`` in
+``asyncflow_dask.py``.
 
     python -m benchmarks.workloads.dask_ --workload W1 --size 10000
 """
@@ -26,19 +28,22 @@ SYSTEM = "dask"
 THREADS = 4
 EXEC_CONCURRENCY = 8
 
+#: The cluster every Dask run starts (``LocalCluster`` arguments).
+CLUSTER: dict[str, Any] = {
+    "n_workers": 1,
+    "threads_per_worker": THREADS,
+    "processes": False,
+    # Its HTTP servers (dashboard, health) start even without bokeh and
+    # would bind every interface; keep them on the loopback.
+    "dashboard_address": "127.0.0.1:0",
+    "worker_dashboard_address": "127.0.0.1:0",
+    "silence_logs": logging.ERROR,
+}
+
 
 @contextmanager
 def _client(threads: int = THREADS) -> Iterator[Client]:
-    cluster = LocalCluster(
-        n_workers=1,
-        threads_per_worker=threads,
-        processes=False,
-        # Its HTTP servers (dashboard, health) start even without bokeh and
-        # would bind every interface; keep them on the loopback.
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-    )
+    cluster = LocalCluster(**{**CLUSTER, "threads_per_worker": threads})
     client = Client(cluster)
     try:
         yield client

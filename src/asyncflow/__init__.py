@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .backends import (
+    DRY_RUN_PROMPT_RESULT,
     DRY_RUN_RESULT,
     AsyncioExecutionBackend,
     ExecutionBackend,
     LocalExecutionBackend,
     NoopExecutionBackend,
-    RhapsodyBackend,
     TaskReporter,
 )
 from .engine import Task, TaskDecorator, WorkflowEngine
@@ -38,6 +38,7 @@ _LAZY = {
     "OpenAIChatBackend": "asyncflow.backends.prompt",
     "OutputFile": "asyncflow.files",
     "ResourceError": "asyncflow.errors",
+    "RhapsodyBackend": "asyncflow.backends.rhapsody",
     "current_resources": "asyncflow.resources",
 }
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from .backends.dask_ import DaskExecutionBackend
     from .backends.local import ConcurrentExecutionBackend
     from .backends.prompt import CallablePromptBackend, OpenAIChatBackend
+    from .backends.rhapsody import RhapsodyBackend
     from .errors import ResourceError
     from .files import InputFile, OutputFile
     from .resources import current_resources
@@ -62,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DRY_RUN_PROMPT_RESULT",
     "DRY_RUN_RESULT",
     "AsyncFlowError",
     "AsyncioExecutionBackend",

@@ -16,12 +16,11 @@ import inspect
 import os
 import re
 import runpy
-import sqlite3
 import sys
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=_int_at_least(1),
         metavar="N",
-        help="worker threads (threads), worker processes (processes), or the "
-        "limit on threads and subprocesses (asyncio); default: as the "
-        "standard library's pools",
+        help="worker threads (threads), worker processes (processes), the "
+        "limit on threads and subprocesses (asyncio), or the worker processes "
+        "of the local Dask cluster (dask, unless DASK_SCHEDULER_ADDRESS names "
+        "a scheduler); default: as the standard library's pools (Dask: as "
+        "LocalCluster)",
     )
     run.add_argument(
         "--dry-run",
@@ -366,19 +367,38 @@ def _run_script(
     return outcome, False
 
 
+def _dask_factory(workers: int | None) -> Callable[[], Any]:
+    """The scheduler Dask is configured with (``DASK_SCHEDULER_ADDRESS``,
+    or ``scheduler-address`` in Dask's configuration), else a LocalCluster
+    of ``workers`` worker processes started for the run."""
+    try:
+        import dask
+
+        from .backends.dask_ import DaskExecutionBackend
+    except ImportError:
+        raise UsageError(
+            "--backend dask needs Dask: pip install 'asyncflow-workflows[dask]'"
+        ) from None
+    address = dask.config.get("scheduler-address", None)
+    if address:
+        return lambda: DaskExecutionBackend(address=address)
+    if workers is None:
+        return lambda: DaskExecutionBackend(processes=True)
+    return lambda: DaskExecutionBackend(n_workers=workers, processes=True)
+
+
 def _backend_factory(name: str, workers: int | None) -> Callable[[], Any]:
     from .backends import AsyncioExecutionBackend, LocalExecutionBackend
 
     if name == "dask":
-        raise UsageError(
-            "the dask backend is not available in this version of asyncflow; "
-            "use --backend threads, processes or asyncio"
-        )
+        return _dask_factory(workers)
     if name == "threads":
         if workers is None:
             return lambda: None  # the engine's default thread pool
         return lambda: LocalExecutionBackend(ThreadPoolExecutor(workers))
     if name == "processes":
+        from concurrent.futures import ProcessPoolExecutor
+
         return lambda: LocalExecutionBackend(ProcessPoolExecutor(workers))
     if name == "asyncio":
         return lambda: AsyncioExecutionBackend(
@@ -482,6 +502,8 @@ def _prune_text(text: str) -> str:
 
 
 def _status(file: str) -> int:
+    import sqlite3
+
     from .checkpoint import FORMAT
 
     path = Path(file)

@@ -15,7 +15,17 @@ import os
 import time
 from typing import Any
 
-from ._graph import _PREPARING, BLOCK, DONE, FAILED, RUNNING, Graph, log
+from ._graph import (
+    _PREPARING,
+    BLOCK,
+    DONE,
+    FAILED,
+    FUNCTION,
+    RUNNING,
+    Graph,
+    _resolve,
+    log,
+)
 from .errors import TaskTimeoutError
 from .tasks import TaskFuture
 
@@ -41,8 +51,27 @@ class Attempts(Graph):
         definition = task._definition
         if not definition.options.cache or self._engine.dry_run:
             return False
+        given = None
+        if (
+            task._deps is not None
+            and definition.kind is FUNCTION
+            and (definition.backend or self.default_backend).passes_futures
+        ):
+            # Its arguments still hold its dependencies' futures (their values
+            # are here by now): the key is made of the values.
+            given = task.args, task.kwargs
+            try:
+                task.args = tuple([_resolve(a) for a in given[0]])
+                task.kwargs = {k: _resolve(v) for k, v in given[1].items()}
+            except Exception:  # a value that could not be fetched: its backend says so
+                task.args, task.kwargs = given
+                return False
         try:
-            key = store.key_for(task)
+            try:
+                key = store.key_for(task)
+            finally:
+                if given is not None:
+                    task.args, task.kwargs = given
             if key is None:
                 return False
             found, value = store.lookup(key)

@@ -9,6 +9,7 @@ backends' :class:`~asyncflow.backends.base.TaskReporter`.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from ._graph import (
     FUNCTION,
     PENDING,
     RUNNING,
+    _future_done,
     _resolve,
     log,
 )
@@ -65,21 +67,39 @@ class Scheduler(Attempts):
                 # it starts only once that body is done (call order).
                 self._held.append(task)
                 continue
-            if task._deps is not None:
-                task.args = tuple([_resolve(a) for a in task.args])
-                if task.kwargs:
-                    task.kwargs = {k: _resolve(v) for k, v in task.kwargs.items()}
             definition = task._definition
             kind = definition.kind
+            backend = definition.backend or default
+            if task._deps is not None:
+                if backend.passes_futures and kind is FUNCTION:
+                    if not self._passable(task, backend):
+                        continue
+                else:
+                    try:
+                        args = tuple([_resolve(a) for a in task.args])
+                        kwargs = task.kwargs
+                        if kwargs:
+                            kwargs = {k: _resolve(v) for k, v in kwargs.items()}
+                    except asyncio.InvalidStateError:
+                        # A dependency's value is still on the cluster that
+                        # computed it: fetch it first.
+                        self._fetch_first(task)
+                        continue
+                    except Exception as exc:  # that value could not be fetched
+                        self._finish(task, FAILED, exc)
+                        continue
+                    task.args = args
+                    task.kwargs = kwargs
             task.state = RUNNING
             task.attempts = 1
             if kind is BLOCK:
                 self._start_block(task)
                 continue
-            backend = definition.backend or default
             if kind not in backend.kinds:
                 self._finish(task, FAILED, self._unsupported(task, backend))
                 continue
+            if definition.resources is not None and not backend.honours_resources:
+                _warn_unhonoured(backend, task)
             if kind is not FUNCTION and not self._prepare(task):
                 continue
             if self.store is not None and self._restore(task):
@@ -93,6 +113,64 @@ class Scheduler(Attempts):
                 group.append(task)
         for backend, tasks in groups.items():
             self._submit(backend, tasks)
+
+    def _passable(self, task: TaskFuture, backend: ExecutionBackend) -> bool:
+        """Whether a function task can go now to a backend that takes its
+        dependencies as futures; if not, it comes back when it can."""
+        deps = task._deps
+        assert deps is not None
+        default = self.default_backend
+        if task._waiting:
+            # Handed over ahead of its dependencies (_chainable): only once
+            # each unfinished one is with that backend too.
+            for dep in deps:
+                state = dep.state
+                if state is RUNNING:
+                    continue
+                if state is not DONE or (
+                    dep._remote is not None
+                    and not _future_done(dep)
+                    and (dep._definition.backend or default) is not backend
+                ):
+                    return False  # it is released as usual when they end
+            if self.observers.active:
+                self._event("ready", task)
+            return True
+        # Values kept by another backend come here first; with a checkpoint,
+        # every value does (the task's key is made of them).
+        keyed = self.store is not None
+        missing = [
+            dep
+            for dep in deps
+            if dep._remote is not None
+            and not _future_done(dep)
+            and (keyed or (dep._definition.backend or default) is not backend)
+        ]
+        if missing:
+            self._fetch_first(task, missing)
+            return False
+        return True
+
+    def _fetch_first(
+        self, task: TaskFuture, missing: list[TaskFuture] | None = None
+    ) -> None:
+        """Dispatch ``task`` again once the dependency values it needs,
+        still on the cluster that computed them, have been fetched."""
+        if missing is None:
+            missing = [d for d in task._deps or () if not _future_done(d)]
+        left = len(missing)
+
+        def arrived(_: object) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0 and task.state is PENDING:
+                self._ready.append(task)
+                if not (self._flush_scheduled or self._flushing):
+                    self._loop.call_soon(self._flush)
+                    self._flush_scheduled = True
+
+        for dep in missing:
+            dep.add_done_callback(arrived)  # which fetches the value
 
     def _submit(self, backend: ExecutionBackend, tasks: list[TaskFuture]) -> None:
         now = _time()
@@ -346,3 +424,20 @@ class Scheduler(Attempts):
             log.warning(
                 "backend %r failed to cancel %s", backend.name, task.uid, exc_info=True
             )
+
+
+def _warn_unhonoured(backend: ExecutionBackend, task: TaskFuture) -> None:
+    """Say once per backend that it runs tasks without their resources."""
+    if backend in _WARNED:
+        return
+    _WARNED.add(backend)
+    log.warning(
+        "backend %r does not admit tasks by resources: %r (%s) and later tasks "
+        "that declare resources= run there without them being reserved",
+        backend.name,
+        task.name,
+        task.uid,
+    )
+
+
+_WARNED: weakref.WeakSet[ExecutionBackend] = weakref.WeakSet()

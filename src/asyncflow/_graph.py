@@ -22,6 +22,7 @@ from collections import deque
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
+from .backends.base import REMOTE
 from .errors import DependencyFailureError
 from .events import Observers
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskState
@@ -49,6 +50,8 @@ _CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
 _set_result = asyncio.Future.set_result
 _set_exception = asyncio.Future.set_exception
 _future_cancel = asyncio.Future.cancel
+_future_done = asyncio.Future.done
+_result = asyncio.Future.result
 
 _NO_KWARGS: dict[str, Any] = {}
 
@@ -83,18 +86,19 @@ def find_dependencies(
 
 
 def _resolve(value: Any) -> Any:
+    # asyncio's own result(): InvalidStateError for a value still on a cluster.
     kind = type(value)
     if kind is TaskFuture:
-        return value.result()
+        return _result(value)
     if kind in _CONTAINERS:
         if kind is dict:
             if any(type(v) is TaskFuture for v in value.values()):
                 return {
-                    k: v.result() if type(v) is TaskFuture else v
+                    k: _result(v) if type(v) is TaskFuture else v
                     for k, v in value.items()
                 }
         elif any(type(v) is TaskFuture for v in value):
-            return kind(v.result() if type(v) is TaskFuture else v for v in value)
+            return kind(_result(v) if type(v) is TaskFuture else v for v in value)
     return value
 
 
@@ -128,6 +132,9 @@ class Graph:
             contextvars.ContextVar(f"asyncflow.preparing.{id(self):x}", default=None)
         )
         self.live: set[TaskFuture] = set()
+        #: Whether a backend takes dependencies as futures (``passes_futures``):
+        #: only then are tasks handed over ahead of running dependencies.
+        self.chaining = any(b.passes_futures for b in engine._backends.values())
         self.observers = Observers(loop)
         self._logging: Any = None  # the DEBUG log's observer, once needed
         self.store: CheckpointStore | None = None
@@ -210,6 +217,7 @@ class Graph:
         task._waiting = 0
         task._timer = None
         task._key = None
+        task._remote = None
         task.attempts = 0
         task.restored = False
         task.submitted_at = task.started_at = task.finished_at = None
@@ -229,7 +237,7 @@ class Graph:
                 extra=(
                     block.uid if block is not None else None,
                     tuple(d.uid for d in deps) if deps else (),
-                    definition.kind.value,
+                    definition.kind._value_,  # cheaper than .value
                     deps or (),
                 ),
             )
@@ -258,7 +266,45 @@ class Graph:
             self._finish(task, CANCELLED, self._cancel_message(cancelled))
         elif task._waiting == 0:
             self._release(task)
+        elif self.chaining and self._chainable(task, deps):
+            # Its unfinished dependencies run on the backend that runs it:
+            # dispatch hands it over with their futures (see _passable).
+            self._ready.append(task)
+            if not (self._flush_scheduled or self._flushing):
+                self._loop.call_soon(self._flush)
+                self._flush_scheduled = True
         return task
+
+    def _chainable(self, task: TaskFuture, deps: list[TaskFuture]) -> bool:
+        """Whether ``task`` may go to its backend before its dependencies end.
+
+        Only function tasks without retries or timeouts, with no checkpoint,
+        on a backend that passes futures, whose unfinished dependencies are
+        such tasks on the same backend: the backend then orders the work,
+        and a failure upstream still settles the task here, with its cause.
+        """
+        definition = task._definition
+        if (
+            definition.kind is not FUNCTION
+            or definition.reliability is not None
+            or self.store is not None
+        ):
+            return False
+        default = self.default_backend
+        backend = definition.backend or default
+        if not backend.passes_futures:
+            return False
+        for dep in deps:
+            if dep.state is DONE:
+                continue
+            upstream = dep._definition
+            if (
+                upstream.kind is not FUNCTION
+                or upstream.reliability is not None
+                or (upstream.backend or default) is not backend
+            ):
+                return False
+        return True
 
     def _wrong_loop(self, name: str) -> str:
         where = (
@@ -286,16 +332,14 @@ class Graph:
         extra: Any = None,
     ) -> None:
         observers = self.observers
-        observers.pending.append(
-            (
-                kind,
-                _time() if when is None else when,
-                task,
-                task.attempts,
-                duration,
-                error,
-                extra,
-            )
+        observers.pending += (  # flat: see events.RECORD_SIZE
+            kind,
+            _time() if when is None else when,
+            task,
+            task.attempts,
+            duration,
+            error,
+            extra,
         )
         if not observers._scheduled:
             observers.schedule()
@@ -359,7 +403,11 @@ class Graph:
                 message = self._cancel_message(task)
             for dep in dependents:
                 if dep.state is not PENDING:
-                    continue
+                    if dep.state is not RUNNING:
+                        continue
+                    # Handed to its backend ahead of this dependency (a chain
+                    # on one cluster, see _chainable): its work stops too.
+                    self.stop_work(dep)
                 if task.state is FAILED:
                     self._settle(dep, FAILED, self._dependency_error(dep, task))
                 else:
@@ -381,22 +429,28 @@ class Graph:
             task._timer = None
         if self.observers.active:
             self._event(
-                "restored" if task.restored else state.value.lower(),
+                "restored" if task.restored else state._value_.lower(),
                 task,
                 now,
                 duration=now - started if started is not None else None,
                 error=value if state is not DONE else None,
             )
         if state is DONE:
-            _set_result(task, value)
-            if task._key is not None:
-                store = self.store
-                if store is not None:
-                    try:
-                        store.store(task._key, task, value)
-                    except Exception as exc:  # never let the store wedge the run
-                        self._store_failed(exc)
-                task._key = None
+            if value is REMOTE:
+                # Its value stays with the backend until someone waits for it
+                # (or the checkpoint must record it).
+                if task._key is not None or task._callbacks:
+                    self.fetch(task)
+            else:
+                _set_result(task, value)
+                if task._key is not None:
+                    store = self.store
+                    if store is not None:
+                        try:
+                            store.store(task._key, task, value)
+                        except Exception as exc:  # never let the store wedge the run
+                            self._store_failed(exc)
+                    task._key = None
         elif state is FAILED:
             if not isinstance(value, Exception) or isinstance(value, StopIteration):
                 # SystemExit & co. would tear down whoever awaits the future.
@@ -405,8 +459,10 @@ class Graph:
                     wrapped.__cause__ = value
                 value = wrapped
             _set_exception(task, value)
+            task._remote = None
         else:
             _future_cancel(task, value)
+            task._remote = None
         live = self.live
         live.discard(task)
         if not live and self.idle is not None:
@@ -436,6 +492,41 @@ class Graph:
             failed_dependencies=names,
             root_cause=root,
         )
+
+    # -- values kept by a backend -------------------------------------------------
+
+    def fetch(self, task: TaskFuture) -> None:
+        """Ask the backend that keeps a task's value (or will, once the task
+        has run there) to bring it here; it answers with :meth:`fetched`.
+        Asking twice is harmless."""
+        backend = task._definition.backend or self.default_backend
+        try:
+            backend.fetch(task)
+        except Exception as exc:
+            log.error("backend %r failed to fetch %s", backend.name, task.uid)
+            self.fetched(task, False, exc)
+
+    def fetched(self, task: TaskFuture, ok: bool, value: Any) -> None:
+        """A backend delivers a kept value (``ok``) or the exception that
+        says why it cannot; on the loop thread. Whoever waits for the task
+        resumes; a result the checkpoint wants is recorded now."""
+        if task.state is not DONE or _future_done(task):
+            return
+        if ok:
+            _set_result(task, value)
+            key = task._key
+            if key is not None:
+                task._key = None
+                store = self.store
+                if store is not None:
+                    try:
+                        store.store(key, task, value)
+                    except Exception as exc:  # never let the store wedge the run
+                        self._store_failed(exc)
+        else:
+            _set_exception(task, value)
+            # The task itself succeeded: only a waiter needs to hear of this.
+            task._log_traceback = False
 
     @staticmethod
     def _cancel_message(dep: TaskFuture) -> str:

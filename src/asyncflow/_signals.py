@@ -22,8 +22,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from .engine import WorkflowEngine
@@ -39,8 +38,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _hubs: weakref.WeakValueDictionary[int, _SignalHub] = weakref.WeakValueDictionary()
 
 
-@dataclass(frozen=True)
-class _LoopHandler:
+class _LoopHandler(NamedTuple):
     """A handler the program added with ``loop.add_signal_handler``."""
 
     callback: Callable[..., object]

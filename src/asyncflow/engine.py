@@ -8,9 +8,7 @@ import functools
 import inspect
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast, overload
 
@@ -20,10 +18,7 @@ from ._log import configure_from_environment
 from .backends.base import ExecutionBackend
 from .backends.local import LocalExecutionBackend
 from .backends.noop import NoopExecutionBackend
-from .backends.rhapsody import adapt
-from .checkpoint import CheckpointStore
 from .events import TaskEvent
-from .observers.trace import TraceWriter
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskOptions, task_name
 
 __all__ = ["Task", "TaskDecorator", "WorkflowEngine"]
@@ -41,6 +36,12 @@ _NOT_IN_LOOP = (
     "`flow = await WorkflowEngine.create(...)` inside an async function run by "
     "asyncio.run(...)"
 )
+
+
+def _random_hex(digits: int) -> str:
+    """``digits`` random hexadecimal digits (``digits`` even), as the start of
+    a ``uuid4().hex`` would give, without importing :mod:`uuid`."""
+    return os.urandom(digits // 2).hex()
 
 
 class WorkflowEngine:
@@ -73,10 +74,12 @@ class WorkflowEngine:
                 "backends are started asynchronously"
             )
         self.loop = loop
-        self.uid = uid or f"asyncflow.session.{uuid.uuid4().hex[:8]}"
+        self.uid = uid or f"asyncflow.session.{_random_hex(8)}"
         #: Unique to this engine object, even when ``uid`` is fixed: names
         #: what one run writes (captured output of uncached calls).
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = _random_hex(12)
+        from pathlib import Path
+
         self.work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
         self.dry_run = dry_run
         self.shutdown_timeout = shutdown_timeout
@@ -134,11 +137,15 @@ class WorkflowEngine:
         )
         try:
             if checkpoint is not None:
+                from .checkpoint import CheckpointStore
+
                 # Opening checks the file's integrity: keep the loop free meanwhile.
                 engine._scheduler.store = await asyncio.to_thread(
                     CheckpointStore, checkpoint
                 )
             if trace is not None:
+                from .observers.trace import TraceWriter
+
                 engine._add_builtin(
                     TraceWriter(
                         trace,
@@ -204,7 +211,10 @@ class WorkflowEngine:
         )
         if not given:
             raise ValueError("backend list is empty: give at least one backend")
-        given = [adapt(b) or b for b in given]
+        if not all(isinstance(b, ExecutionBackend) for b in given):
+            from .backends.rhapsody import adapt
+
+            given = [adapt(b) or b for b in given]
         names: set[str] = set()
         for b in given:
             if not isinstance(b, ExecutionBackend):
@@ -378,13 +388,25 @@ class WorkflowEngine:
 
     # -- shutdown -----------------------------------------------------------
 
-    async def shutdown(self, timeout: float | None = None) -> None:
+    async def shutdown(
+        self, timeout: float | None = None, *, skip_execution_backend: bool = False
+    ) -> None:
         """Cancel unfinished work, stop the backends and release their resources.
 
         Idempotent and safe to call concurrently. Bounded by ``timeout``
         (default: the engine's ``shutdown_timeout``); whatever is still
         running then is abandoned and logged.
+
+        ``skip_execution_backend=True`` (RADICAL AsyncFlow's parameter) ends
+        the engine the same way but leaves its backends running: unfinished
+        tasks are still cancelled and their work asked to stop, yet no
+        backend is shut down, so none is waited for. The backends are
+        released from this engine: hand them to another engine, or shut them
+        down yourself with ``await backend.shutdown()``. The first call to
+        begin the shutdown decides.
         """
+        if self._shutdown_task is None:
+            self._keep_backends = skip_execution_backend
         task = self._begin_shutdown(timeout)
         await asyncio.shield(task)
 
@@ -408,9 +430,12 @@ class WorkflowEngine:
         # awaiting them resumes only once nothing is left running.
         for task in scheduler.running():
             scheduler.stop_work(task)
-        await self._shutdown_backends(
-            self.shutdown_timeout if timeout is None else timeout
-        )
+        if getattr(self, "_keep_backends", False):
+            self._release_backends()
+        else:
+            await self._shutdown_backends(
+                self.shutdown_timeout if timeout is None else timeout
+            )
         # Results that finished while the backends stopped are in the store's
         # queue: write them before the program can exit.
         store = scheduler.store
@@ -458,6 +483,20 @@ class WorkflowEngine:
                     "backend %r failed to kill its work", backend.name, exc_info=True
                 )
 
+    def _release_backends(self) -> None:
+        """Detach the backends without shutting them down (they may serve
+        another engine); reports still due from their work reach this
+        engine's scheduler, which ignores them."""
+        for backend in self._backends.values():
+            if backend._reporter is self._scheduler:
+                backend._reporter = None
+        log.info(
+            "engine %s left its backend(s) %s running (skip_execution_backend="
+            "True); shut them down with `await backend.shutdown()`",
+            self.uid,
+            ", ".join(repr(name) for name in self._backends),
+        )
+
     async def _shutdown_backends(self, timeout: float) -> None:
         jobs = {self.loop.create_task(b.shutdown()): b for b in self._backends.values()}
         done, pending = await asyncio.wait(jobs, timeout=timeout)
@@ -485,7 +524,7 @@ class WorkflowEngine:
         asyncio's context rules (tasks started inside inherit the scope). A
         call-time ``workflow_id=`` still wins.
         """
-        workflow_id = id if id is not None else f"wf-{uuid.uuid4().hex[:8]}"
+        workflow_id = id if id is not None else f"wf-{_random_hex(8)}"
         token = self._scheduler.workflow_var.set(workflow_id)
         try:
             yield workflow_id
@@ -569,9 +608,12 @@ class Task(Protocol):
         cache: bool = ...,
         cache_key: Callable[..., Any] | None = ...,
         version: str | None = ...,
+        resources: Mapping[str, Any] | None = ...,
+        priority: int = ...,
     ) -> Task:
-        """The same task with other reliability settings, for the calls made
-        through what this returns: ``fetch.options(timeout=5)(url)``."""
+        """The same task with other settings, for the calls made through what
+        this returns: ``fetch.options(timeout=5)(url)``,
+        ``train.options(resources={"gpus": 2}, priority=10)(data)``."""
         ...
 
 
@@ -615,6 +657,8 @@ class TaskDecorator:
         cache_key: Callable[..., Any] | None = None,
         version: str | None = None,
         capture_stdio: bool = False,
+        resources: Mapping[str, Any] | None = None,
+        priority: int = 0,
     ) -> Callable[[Callable[..., Any]], Task]: ...
     def __call__(
         self,
@@ -631,6 +675,8 @@ class TaskDecorator:
         cache_key: Callable[..., Any] | None = None,
         version: str | None = None,
         capture_stdio: bool = False,
+        resources: Mapping[str, Any] | None = None,
+        priority: int = 0,
     ) -> Task | Callable[[Callable[..., Any]], Task]:
         if backend is not None and self._kind is TaskKind.BLOCK:
             raise TypeError(
@@ -647,7 +693,14 @@ class TaskDecorator:
             cache,
             cache_key,
             version,
+            resources,
+            priority,
         )
+        if self._kind is TaskKind.BLOCK and (resources is not None or priority):
+            raise TypeError(
+                "@flow.block takes no resources= or priority=: blocks run on the "
+                "engine's event loop; give them to the tasks they call"
+            )
         if capture_stdio and self._kind is not TaskKind.EXECUTABLE:
             raise TypeError("capture_stdio=True applies to @flow.executable_task only")
 

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-__all__ = ["ASYNC_BACKLOG", "EVENT_KINDS", "TaskEvent"]
+__all__ = ["ASYNC_BACKLOG", "EVENT_KINDS", "RECORD_SIZE", "TaskEvent"]
 
 log = logging.getLogger("asyncflow.events")
 
@@ -85,6 +85,12 @@ Observer = Callable[[TaskEvent], Any]
 #: futures) on ``created``, else None.
 Record = tuple[str, float, Any, int, "float | None", Any, Any]
 
+#: The scheduler appends the fields of each :data:`Record` to one flat list
+#: (:attr:`Observers.pending`), event after event, rather than a tuple per
+#: event: recording then leaves no object for the garbage collector to
+#: track. ``RECORD_SIZE`` items make one event.
+RECORD_SIZE = 7
+
 
 def backend_name(task: Any) -> str | None:
     """The name of the backend a task runs on (None for a block)."""
@@ -119,31 +125,37 @@ class Observers:
     """The engine's observers and the delivery of event batches to them.
 
     Built-in observers with a ``records(batch)`` method take the scheduler's
-    records as they are; user subscribers get :class:`TaskEvent` objects,
-    made once per batch for all of them.
+    records as they are: a list of :data:`Record` tuples, or, for those
+    whose ``flat`` attribute is true, the flat list itself (see
+    :data:`RECORD_SIZE`; it must not be changed, other observers read it
+    too). User subscribers get :class:`TaskEvent` objects, made once per
+    batch for all of them.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._flat: list[Any] = []
         self._raw: list[Any] = []
         self._sync: list[Observer] = []
         self._async: list[_AsyncObserver] = []
-        self.pending: list[Record] = []
+        #: The fields of the events recorded since the last delivery, flat.
+        self.pending: list[Any] = []
         self._scheduled = False
         #: Whether anyone listens: the scheduler records events only then.
         self.active = False
 
     def _changed(self) -> None:
-        self.active = bool(self._raw or self._sync or self._async)
+        self.active = bool(self._flat or self._raw or self._sync or self._async)
 
     def add(self, observer: Any) -> Callable[[], None]:
         if callable(getattr(observer, "records", None)):
-            self._raw.append(observer)
+            raw = self._flat if getattr(observer, "flat", False) else self._raw
+            raw.append(observer)
             self._changed()
 
             def remove_raw() -> None:
-                if observer in self._raw:
-                    self._raw.remove(observer)
+                if observer in raw:
+                    raw.remove(observer)
                     self._changed()
 
             return remove_raw
@@ -183,20 +195,14 @@ class Observers:
 
     def deliver(self) -> None:
         self._scheduled = False
-        batch, self.pending = self.pending, []
-        if not batch:
+        flat, self.pending = self.pending, []
+        if not flat:
             return
-        for observer in list(self._raw):
-            try:
-                observer.records(batch)
-            except _OBSERVER_FAULTS:
-                self._raw.remove(observer)
-                self._changed()
-                log.warning(
-                    "%r raised and was detached; the run goes on",
-                    observer,
-                    exc_info=True,
-                )
+        self._feed(self._flat, flat)
+        if not (self._raw or self._sync or self._async):
+            return
+        batch: list[Record] = list(zip(*[iter(flat)] * RECORD_SIZE, strict=True))
+        self._feed(self._raw, batch)
         if not (self._sync or self._async):
             return
         events = [to_event(record) for record in batch]
@@ -214,6 +220,20 @@ class Observers:
                 )
         for wrapped in list(self._async):
             wrapped.feed(events)
+
+    def _feed(self, observers: list[Any], batch: list[Any]) -> None:
+        """Hand ``batch`` to each built-in observer of ``observers``."""
+        for observer in list(observers):
+            try:
+                observer.records(batch)
+            except _OBSERVER_FAULTS:
+                observers.remove(observer)
+                self._changed()
+                log.warning(
+                    "%r raised and was detached; the run goes on",
+                    observer,
+                    exc_info=True,
+                )
 
     def _detach(self, wrapped: _AsyncObserver) -> None:
         if wrapped in self._async:

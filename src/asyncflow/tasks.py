@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .resources import Request
+
 if TYPE_CHECKING:
     from .backends.base import ExecutionBackend
     from .engine import WorkflowEngine
@@ -61,11 +63,14 @@ class TaskKind(str, enum.Enum):
 
 
 class TaskOptions:
-    """Reliability settings of a task: retries, timeout, result caching."""
+    """Per-task settings: retries, timeout, result caching, resources and
+    priority."""
 
     __slots__ = (
         "cache",
         "cache_key",
+        "priority",
+        "resources",
         "retries",
         "retry_backoff",
         "retry_delay",
@@ -84,6 +89,8 @@ class TaskOptions:
         cache: bool = True,
         cache_key: Callable[..., Any] | None = None,
         version: str | None = None,
+        resources: Mapping[str, Any] | Request | None = None,
+        priority: int = 0,
     ) -> None:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
@@ -121,6 +128,12 @@ class TaskOptions:
         self.cache_key = cache_key
         #: Stands for the body's code (and what it reads) in the cache key.
         self.version = version
+        #: What the task needs (None: the default, one cpu); see resources.py.
+        self.resources = Request.parse(resources)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+        #: Among ready tasks waiting for a backend, higher starts first.
+        self.priority = priority
 
     def replace(self, **changes: Any) -> TaskOptions:
         current = {name: getattr(self, name) for name in self.__slots__}
@@ -156,7 +169,9 @@ class TaskDefinition:
         "kind",
         "name",
         "options",
+        "priority",
         "reliability",
+        "resources",
     )
 
     def __init__(
@@ -181,6 +196,8 @@ class TaskDefinition:
         )
         self._code_hash: str | None = None
         self.capture_stdio = capture_stdio
+        self.resources: Request | None = options.resources
+        self.priority: int = options.priority
 
     def with_options(self, options: TaskOptions) -> TaskDefinition:
         derived = TaskDefinition(
@@ -204,6 +221,13 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
 
     Backends read ``kind``, ``function``, ``args``, ``kwargs``, ``command``
     and ``task_description``; everything else is the engine's.
+
+    A task that ran on a cluster backend (Dask) may finish with its value
+    left on the cluster: ``state`` is ``DONE`` at once and dependents on
+    that cluster receive the value there, but the value comes into this
+    process only when someone waits for it (``await``, ``asyncio.gather``,
+    ``asyncio.wait``, ``add_done_callback``); ``done()`` is ``True`` from
+    then on.
     """
 
     __slots__ = (
@@ -217,6 +241,7 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "_handle",
         "_key",
         "_members",
+        "_remote",
         "_seq",
         "_timer",
         "_waiting",
@@ -263,6 +288,8 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     _handle: Any
     _timer: asyncio.TimerHandle | None
     _key: str | None
+    _remote: Any
+    """The backend's handle on the value it keeps (a Dask future), or None."""
 
     @property
     def kind(self) -> TaskKind:
@@ -276,6 +303,16 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     @property
     def is_async(self) -> bool:
         return self._definition.is_async
+
+    @property
+    def resources(self) -> Request | None:
+        """What the task asked for (``None``: nothing declared, one cpu)."""
+        return self._definition.resources
+
+    @property
+    def priority(self) -> int:
+        """Among ready tasks waiting for their backend, higher starts first."""
+        return self._definition.priority
 
     @property
     def task_description(self) -> dict[str, Any]:
@@ -303,6 +340,33 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         self._engine._scheduler.cancel(self, msg)
         return True
 
+    def add_done_callback(
+        self, fn: Callable[[TaskFuture], object], /, *, context: Any = None
+    ) -> None:
+        """As :meth:`asyncio.Future.add_done_callback`; waiting for a task
+        whose value is (or will be) left on its cluster fetches that value."""
+        try:
+            remote = self._remote
+        except AttributeError:  # a future made outside an engine
+            remote = None
+        if remote is not None and not _future_done(self):
+            self._engine._scheduler.fetch(self)
+        _add_done_callback(self, fn, context=context)
+
+    def result(self) -> Any:
+        """As :meth:`asyncio.Future.result`. A task whose value is still on
+        its cluster raises :class:`asyncio.InvalidStateError` (and its value
+        is fetched): await the future instead."""
+        if not _future_done(self) and self.state is _DONE and self._remote is not None:
+            self._engine._scheduler.fetch(self)
+            if not _future_done(self):
+                raise asyncio.InvalidStateError(
+                    f"the result of task {self.name!r} ({self.uid}) is still on "
+                    "the cluster that ran it: await the future (or gather or "
+                    "wait for it) to fetch it"
+                )
+        return _future_result(self)
+
     def set_result(self, result: Any, /) -> None:
         raise RuntimeError(_SETTLED_BY_ENGINE.format(self=self, what="set_result"))
 
@@ -312,6 +376,11 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return f"<TaskFuture {self.uid} {self.name!r} {self.state.value}>"
 
+
+_DONE = TaskState.DONE
+_future_done = asyncio.Future.done
+_future_result = asyncio.Future.result
+_add_done_callback = asyncio.Future.add_done_callback
 
 _SETTLED_BY_ENGINE = (
     "{what}() on the future of task {self.name!r} ({self.uid}): task futures are "

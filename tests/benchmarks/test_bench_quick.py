@@ -75,7 +75,7 @@ def test_quick_records_the_machine(quick_report: dict[str, Any]) -> None:
     machine = quick_report["machine"]
     assert machine["cores"] >= 1
     assert machine["python"].split()[-1] == sys.version.split()[0]
-    assert "asyncflow" in machine["packages"]
+    assert "asyncflow-workflows" in machine["packages"]
     assert quick_report["source"]["src_sha256"]
 
 

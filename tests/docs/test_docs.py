@@ -1,14 +1,17 @@
 """The user documentation cannot rot: every Python sample in it runs.
 
-Each fenced ```python block of README.md and docs/*.md is a complete script.
-It is written to a temporary directory and run there with this interpreter;
-it must exit with status 0. Blocks meant as fragments are fenced ```text.
-The README's API table and the relative links of every page are checked
-against the package and the file tree.
+Each fenced ```python block of README.md and of every page under docs/
+(sub-folders included) is a complete script. It is written to a temporary
+directory and run there with this interpreter; it must exit with status 0.
+Blocks meant as fragments are fenced ```text. The README's API table, the
+relative links of every page and the site's navigation (mkdocs.yml) are
+checked against the package and the file tree. `make docs` builds the site
+itself, with warnings as errors; `make test` runs it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -22,7 +25,33 @@ import asyncflow
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-PAGES = sorted((REPO / "docs").glob("*.md"))
+DOCS = REPO / "docs"
+MKDOCS = REPO / "mkdocs.yml"
+
+
+def excluded_from_site() -> list[str]:
+    """The patterns of mkdocs.yml's ``exclude_docs: |`` block."""
+    lines = MKDOCS.read_text(encoding="utf-8").splitlines()
+    if "exclude_docs: |" not in lines:
+        return []
+    patterns = []
+    for line in lines[lines.index("exclude_docs: |") + 1 :]:
+        if not line.startswith("  "):
+            break
+        patterns.append(line.strip())
+    return patterns
+
+
+def _in_site(page: Path) -> bool:
+    relative = page.relative_to(DOCS).as_posix()
+    return not any(
+        fnmatch.fnmatch(relative if "/" in pattern else page.name, pattern)
+        for pattern in excluded_from_site()
+    )
+
+
+#: The pages of the site; a page mkdocs.yml excludes is not one.
+PAGES = sorted(page for page in DOCS.rglob("*.md") if _in_site(page))
 DOCUMENTS = [README, *PAGES]
 
 #: A hung sample fails the test instead of hanging the suite.
@@ -160,10 +189,26 @@ def _resolves(document: Path, target: str) -> bool:
 
 
 def test_every_page_is_in_the_table_of_contents() -> None:
-    index = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
-    unlisted = [
-        page.name
-        for page in PAGES
-        if page.name != "index.md" and f"({page.name}" not in index
-    ]
-    assert not unlisted, f"docs/index.md does not link {unlisted}"
+    """docs/index.md links every page of docs/, and each sub-folder's
+    index.md the pages beside it, so every page can be reached by reading."""
+    unlisted = []
+    for page in PAGES:
+        if page == DOCS / "index.md":
+            continue
+        if page.name == "index.md":
+            listing, target = DOCS / "index.md", page.relative_to(DOCS).as_posix()
+        else:
+            listing, target = page.parent / "index.md", page.name
+        if f"({target}" not in listing.read_text(encoding="utf-8"):
+            unlisted.append(f"{target} in {listing.relative_to(REPO)}")
+    assert not unlisted, f"pages missing from their table of contents: {unlisted}"
+
+
+def test_every_page_is_in_the_site_navigation() -> None:
+    """mkdocs.yml's nav names every page, and only pages that exist."""
+    config = MKDOCS.read_text(encoding="utf-8")
+    nav = config[config.index("\nnav:") :]
+    named = set(re.findall(r"[\w./-]+\.md\b", nav))
+    pages = {page.relative_to(DOCS).as_posix() for page in PAGES}
+    assert named <= pages, f"mkdocs.yml's nav names missing pages: {named - pages}"
+    assert pages <= named, f"mkdocs.yml's nav lacks {sorted(pages - named)}"

@@ -24,6 +24,7 @@ import pytest
 
 import asyncflow
 from asyncflow import DRY_RUN_RESULT
+from asyncflow.observers.trace import read_trace
 
 #: Generous bound for one command: a healthy one takes a fraction of it.
 TIMEOUT = 60.0
@@ -279,11 +280,6 @@ def test_syntax_error_in_the_script_exits_1(tmp_path: Path) -> None:
         ("async def main(a, b, c):\n    pass\n", [], "must take the engine"),
         ("async def main(flow):\n    pass\n", ["--workers", "0"], "at least 1"),
         ("async def main(flow):\n    pass\n", ["--backend", "gpu"], "invalid choice"),
-        (
-            "async def main(flow):\n    pass\n",
-            ["--backend", "dask"],
-            "dask backend is not available in this version",
-        ),
         ("async def main(flow):\n    pass\n", ["extra"], "unrecognized arguments"),
     ],
     ids=[
@@ -293,7 +289,6 @@ def test_syntax_error_in_the_script_exits_1(tmp_path: Path) -> None:
         "main-with-three",
         "zero-workers",
         "unknown-backend",
-        "dask",
         "args-without-dashes",
     ],
 )
@@ -404,9 +399,7 @@ def test_trace_is_written(tmp_path: Path) -> None:
     write(tmp_path, "flow.py", WORKFLOW)
     done = asyncflow_cmd("run", "flow.py", "--trace", "run.trace", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    header, *events = (
-        json.loads(line) for line in (tmp_path / "run.trace").read_text().splitlines()
-    )
+    header, events = read_trace(tmp_path / "run.trace")
     assert header["format"] == "asyncflow-trace"
     finished = sorted(e["name"] for e in events if e["kind"] == "done")
     assert finished == ["campaign", "square", "square", "square", "square", "total"]

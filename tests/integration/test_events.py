@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,9 @@ from asyncflow import (
     TaskEvent,
     WorkflowEngine,
 )
+from asyncflow.errors import DependencyFailureError
 from asyncflow.events import EVENT_KINDS, FINAL_KINDS
+from asyncflow.observers import trace as trace_module
 from asyncflow.observers.trace import read_trace
 
 LIVENESS = 30.0
@@ -232,42 +235,183 @@ async def test_subscribe_rejects_what_is_not_callable(make_engine) -> None:
 # -- the trace file ---------------------------------------------------------------
 
 
-async def test_the_trace_has_a_header_and_one_line_per_event(tmp_path: Path) -> None:
+def as_written(event: TaskEvent) -> dict[str, Any]:
+    """What a trace line should say of a subscriber's event: its fields,
+    errors as text, times and durations to the microsecond (see below)."""
+    error = event.error
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
+    written = event._asdict()
+    written.update(error=error, dependencies=list(event.dependencies))
+    return written
+
+
+def assert_same_events(read: list[dict[str, Any]], seen: list[TaskEvent]) -> None:
+    assert len(read) == len(seen)
+    for got, event in zip(read, seen, strict=True):
+        want = as_written(event)
+        assert set(got) == set(TaskEvent._fields)
+        # Written as whole microseconds: at most 1 us off (plus float noise).
+        assert abs(float(got.pop("time")) - float(want.pop("time"))) < 2e-6
+        got_duration, want_duration = got.pop("duration"), want.pop("duration")
+        if want_duration is None:
+            assert got_duration is None
+        else:
+            assert abs(float(got_duration) - float(want_duration)) < 2e-6
+        assert got == want
+
+
+async def test_the_trace_holds_every_event_the_subscribers_see(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small lines, so that the run spreads over many of them, each with its
+    # own mix of columns (shared names, lists of them, left-out ones).
+    monkeypatch.setattr(trace_module, "LINE_EVENTS", 5)
     trace = tmp_path / "run.jsonl"
     seen: list[TaskEvent] = []
     calls = [0]
     async with await WorkflowEngine.create(
-        backend=LocalExecutionBackend(), trace=trace
+        backend=AsyncioExecutionBackend(), trace=trace
     ) as flow:
         flow.subscribe(seen.append)
 
         @flow.function_task(retries=1)
-        def flaky(x: int) -> int:
+        async def flaky(x: int) -> int:
             calls[0] += 1
             if calls[0] == 1:
                 raise OSError("flaky disk")
             return x
 
         @flow.function_task
-        def add(a: int, b: int) -> int:
+        async def add(a: int, b: int) -> int:
             return a + b
 
-        assert await add(flaky(1), 2) == 3
+        @flow.function_task
+        async def broken() -> None:
+            raise KeyError("missing")
+
+        @flow.function_task
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        @flow.block
+        async def campaign(n: int) -> int:
+            return await add(flaky(n), n)
+
+        async with flow.workflow_scope("wf-trace"):
+            assert await add(flaky(1), 2) == 3
+            assert await campaign(4) == 8
+        failing = broken()
+        skipped = add(failing, 1)
+        stuck = forever()
+        with pytest.raises(KeyError):
+            await failing
+        with pytest.raises(DependencyFailureError):
+            await skipped
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
     header, events = read_trace(trace)
     assert header["format"] == "asyncflow-trace"
-    assert header["version"] == 1
+    assert header["version"] == 2
     assert header["engine"] == flow.uid
-    assert [e["kind"] for e in events] == [e.kind for e in seen]
-    assert all(set(e) == set(TaskEvent._fields) for e in events)
+    assert_same_events(events, seen)
+    kinds = {e["kind"] for e in events}
+    assert kinds >= {"created", "ready", "retried", "done", "failed", "cancelled"}
+    assert any(e["parent"] for e in events)
+    assert any(e["dependencies"] for e in events)
+    assert any(e["workflow_id"] == "wf-trace" for e in events)
     retried = [e for e in events if e["kind"] == "retried"]
-    assert len(retried) == 1
-    assert retried[0]["error"] == "OSError: flaky disk"
-    assert retried[0]["attempt"] == 1
+    assert [(e["attempt"], e["error"]) for e in retried] == [(1, "OSError: flaky disk")]
     final = [e for e in events if e["name"] == "flaky" and e["kind"] == "done"]
-    assert final[0]["attempt"] == 2
-    lines = trace.read_text().splitlines()
-    assert len(lines) == 1 + len(events)
-    assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert [e["attempt"] for e in final] == [2, 1]
+    # Columns, at most LINE_EVENTS events a line.
+    lines = [json.loads(line) for line in trace.read_text().splitlines()[1:]]
+    assert len(lines) > 1
+    assert all(0 < len(line["kind"]) <= 5 for line in lines)
+    assert sum(len(line["kind"]) for line in lines) == len(events)
+
+
+async def test_a_trace_of_thousands_of_tasks_reads_back_whole(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    seen: list[TaskEvent] = []
+    async with await WorkflowEngine.create(
+        backend=LocalExecutionBackend(), trace=trace
+    ) as flow:
+        flow.subscribe(seen.append)
+
+        @flow.function_task
+        def noop(i: int) -> int:
+            return i
+
+        assert await asyncio.gather(*(noop(i) for i in range(3000))) == list(
+            range(3000)
+        )
+    _, events = read_trace(trace)
+    assert_same_events(events, seen)
+    assert sum(e["kind"] == "done" for e in events) == 3000
+    assert (
+        len(trace.read_text().splitlines()) > 1 + 5 * 3000 // trace_module.LINE_EVENTS
+    )
+
+
+async def test_restored_tasks_are_traced(tmp_path: Path) -> None:
+    db = tmp_path / "run.db"
+    for run in range(2):
+        trace = tmp_path / f"run{run}.jsonl"
+        seen: list[TaskEvent] = []
+        async with await WorkflowEngine.create(
+            backend=AsyncioExecutionBackend(), checkpoint=db, trace=trace
+        ) as flow:
+            flow.subscribe(seen.append)
+
+            @flow.function_task
+            async def square(x: int) -> int:
+                return x * x
+
+            assert await square(3) == 9
+        _, events = read_trace(trace)
+        assert_same_events(events, seen)
+    assert [e["kind"] for e in events] == ["created", "ready", "restored"]
+
+
+def test_read_trace_reads_version_1(tmp_path: Path) -> None:
+    trace = tmp_path / "old.jsonl"
+    event = {
+        "uid": "task.000001",
+        "name": "square",
+        "backend": "default",
+        "workflow_id": None,
+        "kind": "done",
+        "time": 1750000000.25,
+        "attempt": 1,
+        "duration": 0.5,
+        "error": None,
+        "parent": None,
+        "dependencies": [],
+        "kind_of_task": None,
+    }
+    header = {"format": "asyncflow-trace", "version": 1, "started": 1750000000.0}
+    trace.write_text(f"{json.dumps(header)}\n{json.dumps(event)}\n")
+    assert read_trace(trace) == (header, [event])
+
+
+async def test_read_trace_skips_a_cut_off_last_line(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    async with await WorkflowEngine.create(
+        backend=AsyncioExecutionBackend(), trace=trace
+    ) as flow:
+
+        @flow.function_task
+        async def one() -> int:
+            return 1
+
+        assert await one() == 1
+    whole = read_trace(trace)
+    text = trace.read_text()
+    with open(trace, "a", encoding="utf-8") as file:
+        file.write(text.splitlines()[-1][:20])  # a write cut short by a crash
+    assert read_trace(trace) == whole
 
 
 def test_a_crashed_run_leaves_a_trace_readable_up_to_the_last_write(
@@ -312,6 +456,18 @@ def test_read_trace_refuses_what_is_not_a_trace(tmp_path: Path) -> None:
     other.write_text('{"hello": 1}\n')
     with pytest.raises(ValueError, match="not an asyncflow trace"):
         read_trace(other)
+    header = '{"format": "asyncflow-trace", "version": %s}\n'
+    newer = tmp_path / "newer.jsonl"
+    newer.write_text(header % 3)
+    with pytest.raises(ValueError, match="version 3"):
+        read_trace(newer)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(
+        header % 2 + '{"kind": ["created", "ready"], "time": [1], "uid": ["a"], '
+        '"attempt": [0, 0]}\n'
+    )
+    with pytest.raises(ValueError, match="line 2"):
+        read_trace(broken)
 
 
 async def test_a_subscriber_raising_cancelled_error_is_detached(

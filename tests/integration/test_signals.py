@@ -42,6 +42,7 @@ import psutil
 import pytest
 
 from asyncflow import WorkflowEngine
+from asyncflow.observers.trace import read_trace
 
 from ..processes import alive, kill_alive
 
@@ -748,5 +749,5 @@ def test_ctrl_c_while_async_with_waits_at_its_exit(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "INTERRUPTED" in out
     assert "AFTER BLOCK" not in out
-    last = (tmp_path / "run.jsonl").read_text().splitlines()[-1]
-    assert '"kind": "cancelled"' in last
+    _, events = read_trace(tmp_path / "run.jsonl")
+    assert events[-1]["kind"] == "cancelled"

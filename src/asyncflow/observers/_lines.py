@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +22,8 @@ class LinesFile:
     The file is truncated at open (it describes one run). A write that fails
     stops the file with one WARNING naming ``what`` and the error; the run
     goes on. Undecodable characters (surrogates in file names) are escaped.
+    ``before_write``, if given, is called at the start of every write, to
+    append the lines its owner keeps unencoded until then.
     """
 
     def __init__(
@@ -30,9 +33,11 @@ class LinesFile:
         header: dict[str, Any],
         every: float | None,
         what: str,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.lines: list[str] = []
+        self._before_write = before_write
         self._loop = loop
         self._every = every
         self._what = what
@@ -57,7 +62,22 @@ class LinesFile:
                 self._timer = self._loop.call_later(self._every, self._tick)
 
     def flush(self) -> None:
-        if not self.lines or self._file is None:
+        if self._file is None:
+            return
+        if self._before_write is not None:
+            try:
+                self._before_write()
+            except Exception:
+                log.warning(
+                    "%s %s: encoding failed; it stops, the run goes on",
+                    self._what,
+                    self.path,
+                    exc_info=True,
+                )
+                self.lines.clear()
+                self._close_file()
+                return
+        if not self.lines:
             return
         text = "\n".join(self.lines) + "\n"
         self.lines.clear()

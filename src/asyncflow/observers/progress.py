@@ -40,11 +40,10 @@ from itertools import chain, islice
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from ..events import FINAL_KINDS, TaskEvent
+from ..events import FINAL_KINDS, RECORD_SIZE, TaskEvent
 
 if TYPE_CHECKING:
     from ..engine import WorkflowEngine
-    from ..events import Record
 
 __all__ = [
     "CONSOLE",
@@ -73,7 +72,6 @@ CONSOLE: Any = None
 RETRY_MESSAGE = "task %r (%s) attempt %d of %d failed"
 _SCHEDULER_LOGGER = "asyncflow.scheduler"
 
-_KIND = itemgetter(0)
 _TIME = itemgetter(1)
 _FINAL_ORDER = ("done", "failed", "cancelled", "restored")
 _STYLES = {
@@ -132,11 +130,12 @@ class ProgressDisplay:
         self._t0 = time.monotonic()
         #: Events seen, per kind (``retried`` is the retry count).
         self.counts: dict[str, int] = {}
-        # Running tasks by uid, each with its latest TaskEvent or record (both
-        # have the time at [1]), in the order they started running: those
-        # submitted, and those whose start the backend reported.
-        self._submitted: dict[Any, TaskEvent | Record] = {}
-        self._started: dict[Any, TaskEvent | Record] = {}
+        # Running tasks by uid, each with its latest TaskEvent or (kind, time,
+        # task) of a record (both have the time at [1]), in the order they
+        # started running: those submitted, and those whose start the backend
+        # reported.
+        self._submitted: dict[Any, TaskEvent | tuple[str, float, Any]] = {}
+        self._started: dict[Any, TaskEvent | tuple[str, float, Any]] = {}
         # (monotonic time, finished tasks) at recent ticks, for the throughput.
         self._samples: deque[tuple[float, int]] = deque([(self._t0, 0)])
         self._closed = False
@@ -156,21 +155,27 @@ class ProgressDisplay:
 
     # -- the hot path -----------------------------------------------------
 
-    def records(self, batch: list[Record]) -> None:
+    #: Reads the scheduler's flat record list (see :mod:`asyncflow.events`).
+    flat = True
+
+    def records(self, flat: list[Any]) -> None:
         """Count a batch of the scheduler's records (the engine's fast path).
 
         Here the running tasks are keyed by their TaskFuture (hashed by
         identity, cheaper than its uid).
         """
+        kinds = flat[0::RECORD_SIZE]
         counts = self.counts
-        for kind, n in Counter(map(_KIND, batch)).items():
+        for kind, n in Counter(kinds).items():
             counts[kind] = counts.get(kind, 0) + n
         submitted = self._submitted
         started = self._started
         forget_submitted = submitted.pop
         forget_started = started.pop
         leaves = _LEAVES_RUNNING
-        for record in batch:
+        times = flat[1::RECORD_SIZE]
+        tasks = flat[2::RECORD_SIZE]
+        for record in zip(kinds, times, tasks, strict=True):
             kind = record[0]
             if kind == "submitted":
                 submitted[record[2]] = record

@@ -1,12 +1,32 @@
-"""The run trace: every task event as one JSON line.
+"""The run trace: every task event, in JSON lines.
 
-File format (version 1): a first line ``{"format": "asyncflow-trace",
-"version": 1, "engine": <uid>, "run_id": ..., "started": <epoch s>,
-"backends": [...]}``, then one line per :class:`~asyncflow.TaskEvent`, whose
-keys are the event's field names (``error`` as ``"Type: message"``,
-``dependencies`` as a list of uids). Lines are buffered and written every
-:data:`FLUSH_EVERY` seconds and at shutdown, so a crashed run's trace is
-readable up to the last write.
+File format, version 2 (docs/observability.md has the details): a first
+line ``{"format": "asyncflow-trace", "version": 2, "started": <epoch s>,
+"engine": <uid>, "run_id": ..., "backends": [...]}``, then lines that each
+hold a run of consecutive events as columns keyed by the
+:class:`~asyncflow.TaskEvent` field names::
+
+    {"kind": ["created", "ready", ...], "time": [<epoch µs>, ...],
+     "uid": [...], "attempt": [...], "duration": [...], "error": [...],
+     "name": ..., "backend": ..., "workflow_id": ..., "parent": ...,
+     "dependencies": ..., "kind_of_task": ...}
+
+``kind``, ``time`` (integer microseconds since the epoch), ``uid`` and
+``attempt`` have one entry per event. ``duration`` (integer microseconds)
+and ``error`` have one entry per event of a kind in :data:`ENDING_KINDS`.
+The fields a task keeps for its whole life (:data:`CREATED_FIELDS`) have one
+entry per ``created`` event. A column whose entries are all null (or, for
+``dependencies``, all empty) is left out; one of :data:`CREATED_FIELDS`
+whose entries are all the same non-null value (not ``dependencies``) is
+that single value.
+
+Columns cost far less to write than one object per event (version 1): the
+writer makes them with C-level passes over the scheduler's records. Events
+are buffered and written every :data:`FLUSH_EVERY` seconds and at shutdown
+(a full line of :data:`LINE_EVENTS` events is encoded at once), so a
+crashed run's trace is readable up to the last write. :func:`read_trace`
+reads versions 1 (one event per line) and 2, and gives one dictionary per
+event either way.
 """
 
 from __future__ import annotations
@@ -16,32 +36,65 @@ import json
 import logging
 import os
 import time
+from itertools import compress
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from ..events import FINAL_KINDS, Record, backend_name
+from ..events import RECORD_SIZE, backend_name
 from ._lines import LinesFile
 
-__all__ = ["FLUSH_EVERY", "FORMAT", "VERSION", "TraceWriter", "read_trace"]
+__all__ = [
+    "CREATED_FIELDS",
+    "ENDING_KINDS",
+    "FLUSH_EVERY",
+    "FORMAT",
+    "LINE_EVENTS",
+    "VERSION",
+    "TraceWriter",
+    "read_trace",
+]
 
 log = logging.getLogger("asyncflow.trace")
 
 FORMAT = "asyncflow-trace"
-VERSION = 1
-#: Seconds between writes of the buffered lines.
+#: The version this module writes; :func:`read_trace` reads 1 and 2.
+VERSION = 2
+#: Seconds between writes of the buffered events.
 FLUSH_EVERY = 2.0
+#: The most events one line holds.
+LINE_EVENTS = 1024
+#: The kinds whose events have an entry in the ``duration`` and ``error``
+#: columns.
+ENDING_KINDS = frozenset({"done", "failed", "cancelled", "restored", "retried"})
+#: The fields a line holds once per ``created`` event.
+CREATED_FIELDS = (
+    "name",
+    "backend",
+    "workflow_id",
+    "parent",
+    "dependencies",
+    "kind_of_task",
+)
 
-_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
-
-# One line per event; its keys are TaskEvent's fields, the values JSON already.
-_HEAD = '{"uid": "%s", "name": %s, "backend": %s, "workflow_id": %s, '
-_LINE = '%s"kind": "%s", "time": %.6f, "attempt": %d, "duration": %s, "error": %s, %s}'
-_CREATED = '"parent": %s, "dependencies": %s, "kind_of_task": "%s"'
-_NOT_CREATED = '"parent": null, "dependencies": [], "kind_of_task": null'
+_encode = json.JSONEncoder(
+    default=str, ensure_ascii=False, check_circular=False, separators=(",", ":")
+).encode
+_uid = attrgetter("uid")
+_name = attrgetter("name")
+_workflow = attrgetter("workflow_id")
+_definition = attrgetter("_definition")
+_micro = (1e6).__mul__
+_ending = ENDING_KINDS.__contains__
+# A record's fields, in the scheduler's flat list.
+_KIND, _TIME, _TASK, _ATTEMPT, _DURATION, _ERROR, _EXTRA = range(RECORD_SIZE)
 
 
 class TraceWriter:
-    """An observer writing the events of one engine to a JSON-lines file."""
+    """An observer writing the events of one engine to a trace file."""
+
+    #: Reads the scheduler's flat record list (see :mod:`asyncflow.events`).
+    flat = True
 
     def __init__(
         self,
@@ -52,80 +105,109 @@ class TraceWriter:
         self.path = Path(path)
         first = {"format": FORMAT, "version": VERSION, "started": time.time()}
         first.update(header)
-        self._out = LinesFile(self.path, loop, first, FLUSH_EVERY, "trace")
-        self._lines = self._out.lines
-        # JSON of the names, backends and workflow ids seen so far.
-        self._strings: dict[str, str] = {}
-        self._described: dict[Any, tuple[str, str]] = {}
-        # The encoded constant fields of the tasks not yet finished.
-        self._heads: dict[Any, str] = {}
-
-    def records(self, batch: list[Record]) -> None:
-        """Encode a batch of the scheduler's records (the fast path).
-
-        A task's constant fields are encoded once, as the head of each of
-        its lines (JSON objects have no key order).
-        """
-        heads = self._heads
-        lines = self._lines
-        for kind, when, task, attempt, duration, error, extra in batch:
-            head = heads.get(task)
-            if head is None:
-                head = heads[task] = self._head(task)
-            if extra is None:
-                tail = _NOT_CREATED
-            else:
-                tail = _CREATED % (
-                    "null" if extra[0] is None else _encode(extra[0]),
-                    _encode(list(extra[1])) if extra[1] else "[]",
-                    extra[2],
-                )
-            if kind in FINAL_KINDS:
-                del heads[task]
-            lines.append(
-                _LINE
-                % (
-                    head,
-                    kind,
-                    when,
-                    attempt,
-                    "null" if duration is None else f"{duration:.6f}",
-                    "null" if error is None else _encode(_error_text(error)),
-                    tail,
-                )
-            )
-
-    def _head(self, task: Any) -> str:
-        described = self._described.get(task._definition)
-        if described is None:
-            described = self._described[task._definition] = self._describe(task)
-        workflow = task.workflow_id
-        return _HEAD % (
-            task.uid,
-            described[0],
-            described[1],
-            "null" if workflow is None else self._json(workflow),
+        # Records not yet encoded (fewer than a line's worth), flat.
+        self._pending: list[Any] = []
+        # The backend name of each task definition seen so far.
+        self._backends: dict[Any, str | None] = {}
+        self._out = LinesFile(
+            self.path, loop, first, FLUSH_EVERY, "trace", before_write=self._encode_all
         )
 
-    def _describe(self, task: Any) -> tuple[str, str]:
-        """The JSON of a task definition's name and backend name."""
-        backend = backend_name(task)
-        return (
-            self._json(task.name),
-            "null" if backend is None else self._json(backend),
-        )
+    def records(self, flat: list[Any]) -> None:
+        """Take a batch of the scheduler's records: full lines are encoded
+        now, the rest at the next write."""
+        pending = self._pending
+        if pending:
+            pending += flat
+            flat = pending
+        size = LINE_EVENTS * RECORD_SIZE
+        if len(flat) < size:
+            if flat is not pending:
+                self._pending = flat[:]
+            return
+        whole = len(flat) - len(flat) % size
+        lines = self._out.lines
+        for start in range(0, whole, size):
+            lines.append(self._line(flat, start, start + size))
+        self._pending = flat[whole:]
 
-    def _json(self, text: str) -> str:
-        encoded = self._strings.get(text)
-        if encoded is None:
-            encoded = self._strings[text] = _encode(text)
-        return encoded
+    def _encode_all(self) -> None:
+        flat = self._pending
+        if flat:
+            size = LINE_EVENTS * RECORD_SIZE
+            lines = self._out.lines
+            for start in range(0, len(flat), size):
+                lines.append(self._line(flat, start, min(start + size, len(flat))))
+            self._pending = []
+
+    def _line(self, flat: list[Any], start: int, end: int) -> str:
+        """The line of the records in ``flat[start:end]``, made with C-level
+        passes over them (Python code runs per error only)."""
+        kinds = flat[start + _KIND : end : RECORD_SIZE]
+        tasks = flat[start + _TASK : end : RECORD_SIZE]
+        line: dict[str, Any] = {
+            "kind": kinds,
+            "time": list(
+                map(int, map(_micro, flat[start + _TIME : end : RECORD_SIZE]))
+            ),
+            "uid": list(map(_uid, tasks)),
+            "attempt": flat[start + _ATTEMPT : end : RECORD_SIZE],
+        }
+        count = len(kinds)
+        durations = flat[start + _DURATION : end : RECORD_SIZE]
+        errors = flat[start + _ERROR : end : RECORD_SIZE]
+        if durations.count(None) != count or errors.count(None) != count:
+            ending = list(map(_ending, kinds))
+            durations = list(compress(durations, ending))
+            if durations.count(None) != len(durations):
+                line["duration"] = [
+                    None if d is None else int(d * 1e6) for d in durations
+                ]
+            errors = list(compress(errors, ending))
+            if errors.count(None) != len(errors):
+                line["error"] = [None if e is None else _error_text(e) for e in errors]
+        extras = flat[start + _EXTRA : end : RECORD_SIZE]
+        if extras.count(None) != count:
+            self._created(line, list(compress(tasks, extras)), extras)
+        return _encode(line)
+
+    def _created(
+        self, line: dict[str, Any], tasks: list[Any], extras: list[Any]
+    ) -> None:
+        """The columns of the ``created`` events of a line."""
+        parents, dependencies, kinds_of_task, _ = zip(
+            *compress(extras, extras), strict=True
+        )
+        definitions = list(map(_definition, tasks))
+        backends = self._backends
+        if not backends.keys() >= set(definitions):
+            for definition, task in zip(definitions, tasks, strict=True):
+                if definition not in backends:
+                    backends[definition] = backend_name(task)
+        _column(line, "name", list(map(_name, tasks)))
+        _column(line, "backend", list(map(backends.__getitem__, definitions)))
+        _column(line, "workflow_id", list(map(_workflow, tasks)))
+        _column(line, "parent", list(parents))
+        if any(dependencies):
+            line["dependencies"] = dependencies
+        _column(line, "kind_of_task", list(kinds_of_task))
 
     def flush(self) -> None:
         self._out.flush()
 
     def close(self) -> None:
         self._out.close()
+
+
+def _column(line: dict[str, Any], field: str, values: list[Any]) -> None:
+    """Add a created-event column: left out when all null, one value when
+    all share it, else the list."""
+    first = values[0]
+    if values.count(first) == len(values):
+        if first is not None:
+            line[field] = first
+    else:
+        line[field] = values
 
 
 def _error_text(error: Any) -> str:
@@ -141,28 +223,111 @@ def _error_text(error: Any) -> str:
 def read_trace(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The header and the events of a trace file (a cut-off last line, from a
-    crashed run, is skipped)."""
+    """The header and the events of a trace file.
+
+    Each event is a dictionary keyed by the :class:`~asyncflow.TaskEvent`
+    field names, ``time`` and ``duration`` in seconds, in the order the
+    events happened. A cut-off last line, from a crashed run, is skipped.
+    Reads versions 1 and 2 of the format; raises ValueError for anything
+    else.
+    """
     header: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
+    # uid -> (name, backend, workflow_id), from the created events (version 2).
+    tasks: dict[str, tuple[Any, Any, Any]] = {}
+    version: Any = VERSION
     with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            line = line.strip()
-            if not line:
+        for number, text in enumerate(file, 1):
+            text = text.strip()
+            if not text:
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError:
                 continue  # the last line of a run that died mid-write
             if header is None:
-                if record.get("format") != FORMAT:
+                if not isinstance(record, dict) or record.get("format") != FORMAT:
                     raise ValueError(
                         f"{path} is not an asyncflow trace (line {number} has no "
                         f"format {FORMAT!r})"
                     )
+                version = record.get("version")
+                if version not in (1, 2):
+                    raise ValueError(
+                        f"{path} is an asyncflow trace of version {version!r}; "
+                        f"this asyncflow reads versions 1 and {VERSION}"
+                    )
                 header = record
-            else:
+            elif version == 1:
                 events.append(record)
+            else:
+                try:
+                    events += _events_of(record, tasks)
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    raise ValueError(
+                        f"{path}, line {number}: not a line of a version-2 trace"
+                    ) from None
     if header is None:
         raise ValueError(f"{path} is empty: not an asyncflow trace")
     return header, events
+
+
+def _entries(line: dict[str, Any], field: str, count: int) -> list[Any]:
+    """A column of ``count`` entries (spread if left out or shared)."""
+    if field not in line:
+        return [[] if field == "dependencies" else None] * count
+    values = line[field]
+    if not isinstance(values, list):
+        if field == "dependencies":
+            raise ValueError("dependencies is not a list")
+        return [values] * count
+    if len(values) != count:
+        raise ValueError(f"{field} has {len(values)} entries, not {count}")
+    return values
+
+
+def _events_of(
+    line: dict[str, Any], tasks: dict[str, tuple[Any, Any, Any]]
+) -> list[dict[str, Any]]:
+    """The events of one line of a version-2 trace."""
+    kinds: list[str] = line["kind"]
+    count = len(kinds)
+    times = _entries(line, "time", count)
+    uids = _entries(line, "uid", count)
+    attempts = _entries(line, "attempt", count)
+    ending = sum(kind in ENDING_KINDS for kind in kinds)
+    durations = iter(_entries(line, "duration", ending))
+    errors = iter(_entries(line, "error", ending))
+    created = kinds.count("created")
+    about = zip(
+        *(_entries(line, field, created) for field in CREATED_FIELDS), strict=True
+    )
+    events = []
+    for kind, when, uid, attempt in zip(kinds, times, uids, attempts, strict=True):
+        duration = error = None
+        if kind in ENDING_KINDS:
+            duration = next(durations)
+            error = next(errors)
+        if kind == "created":
+            name, backend, workflow_id, parent, dependencies, kind_of_task = next(about)
+            tasks[uid] = (name, backend, workflow_id)
+        else:
+            name, backend, workflow_id = tasks.get(uid, (None, None, None))
+            parent, dependencies, kind_of_task = None, [], None
+        events.append(
+            {
+                "kind": kind,
+                "time": when / 1e6,
+                "uid": uid,
+                "name": name,
+                "backend": backend,
+                "workflow_id": workflow_id,
+                "attempt": attempt,
+                "duration": None if duration is None else duration / 1e6,
+                "error": error,
+                "parent": parent,
+                "dependencies": list(dependencies),
+                "kind_of_task": kind_of_task,
+            }
+        )
+    return events
