@@ -26,7 +26,7 @@ from ._graph import (
     _resolve,
     log,
 )
-from .errors import TaskTimeoutError
+from .errors import ResourceError, TaskTimeoutError
 from .tasks import TaskFuture
 
 #: Seconds (at least) a retry waits for a timed-out attempt to stop.
@@ -141,6 +141,7 @@ class Attempts(Graph):
             or task.state is not RUNNING
             or task.attempts > options.retries
             or not isinstance(error, options.retry_on)
+            or isinstance(error, ResourceError)  # it could never start
             or self.closing
         ):
             self._finish(task, FAILED, error)

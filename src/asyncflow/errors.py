@@ -131,15 +131,19 @@ class ResourceError(AsyncFlowError, ValueError):
             if resource in ("cpus", "gpus", "memory")
             else f"custom={{{resource!r}: ...}}"
         )
+        self.where = where
         super().__init__(
             f"the task asks for {requested}{unit} {resource} but "
             f"{where or 'its backend'} has {capacity} in all: it could never "
-            "start; lower the request or give the backend more (e.g. "
-            f"LocalExecutionBackend(..., {setting}))"
+            "start; lower the request or give the backend more (its "
+            f"{setting} keyword)"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.resource, self.requested, self.capacity))
+        return (
+            type(self),
+            (self.resource, self.requested, self.capacity, self.where),
+        )
 
 
 class CheckpointError(AsyncFlowError):

@@ -17,18 +17,19 @@ starved.
 from __future__ import annotations
 
 import contextvars
+import heapq
 import os
 import re
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ResourceError
 
 if TYPE_CHECKING:
-    from .tasks import TaskFuture
+    from .tasks import TaskDefinition, TaskFuture
 
 __all__ = [
     "BYPASS_LIMIT",
@@ -47,8 +48,6 @@ BYPASS_LIMIT = 8
 CHUNK = 16
 #: Tasks that took less than this (seconds, on average) count as short.
 SHORT_TASK = 0.0005
-#: How far past the first waiting task admission looks for tasks that fit.
-BACKFILL_WINDOW = 64
 
 _UNITS = {
     "": 1,
@@ -93,8 +92,8 @@ def parse_memory(value: Any, what: str = "memory") -> int:
         number = float(match.group(1)) * _UNITS[unit]
     else:
         number = value
-    if number < 0 or number != number:
-        raise ValueError(f"{what} must be >= 0 bytes, got {value!r}")
+    if not 0 <= number < float("inf"):  # NaN and infinity fail too
+        raise ValueError(f"{what} must be a finite number >= 0 bytes, got {value!r}")
     return int(number)
 
 
@@ -376,8 +375,8 @@ class Capacity:
 
     @property
     def manages_gpus(self) -> bool:
-        """True once the capacity's GPUs are known and there are some."""
-        return bool(self._gpus)
+        """True when the capacity has GPUs (detected on first use)."""
+        return bool(self.gpus)
 
     def check(self, request: Request, where: str = "") -> None:
         """Raise :class:`ResourceError` if ``request`` can never fit."""
@@ -421,17 +420,26 @@ class Held(deque[tuple["TaskFuture", int]]):
         self.request = request
 
 
-#: A waiting task: [task, attempt, request, lane, times passed over].
+#: A waiting task: [task, attempt, request, lane, times passed over, call
+#: order].
 _Entry = list[Any]
 
 
 class Gate:
     """Admits tasks against a :class:`Capacity` and per-lane slot limits.
 
+    Waiting tasks are kept in one queue per class: the same lane, priority
+    and request (calls of one definition share their request object), in
+    call order. Admission looks at the head of each class in priority, then
+    call order; a head that does not fit blocks its class only (the tasks
+    behind it ask for the same), so backfill costs one check per class, not
+    per waiting task.
+
     Thread-safe: :meth:`offer` runs on the loop thread, :meth:`release` in
     whichever thread the work ended. ``start(task, attempt, grant)`` is
     called for each admitted task, outside the lock, in the thread that
-    admitted it.
+    admitted it. ``dropped(task)`` is called (under the lock) for each
+    waiting task found cancelled or retried meanwhile.
     """
 
     def __init__(
@@ -440,11 +448,13 @@ class Gate:
         lanes: Mapping[str, int | None],
         start: Callable[[TaskFuture, int, Grant], None],
         name: str = "",
+        dropped: Callable[[TaskFuture], None] | None = None,
     ) -> None:
         self.capacity = capacity
         self.where = f"backend {name!r}" if name else ""
         self._lock = threading.Lock()
         self._start = start
+        self._dropped = dropped
         self._slots: dict[str, int | None] = dict(lanes)
         self._busy: dict[str, int] = dict.fromkeys(lanes, 0)
         self._cpus_used = 0
@@ -452,15 +462,15 @@ class Gate:
         self._custom_used: dict[str, int] = {}
         self._free_gpus: deque[str] | None = None
         self._free_cpu_ids: list[int] = list(capacity.cpu_ids)
-        # Waiting tasks by priority, highest first; call order within one.
-        self._waiting: dict[int, deque[_Entry]] = {}
+        # Waiting tasks: (lane, priority, request) -> entries in call order.
+        self._classes: dict[tuple[str, int, Request], deque[_Entry]] = {}
+        self._count = 0  # call order of waiting entries
         self._lane_waiting: dict[str, int] = dict.fromkeys(lanes, 0)
         # Chunks taken by workers and not run yet (see release()).
         self._held: dict[int, Held] = {}
         # The last request found to fit the capacity (checked once per run
         # of calls of one definition).
         self._fits_once: Request | None = None
-        self._priorities: list[int] = []
         self.closed = False
         from .tasks import TaskKind, TaskState
 
@@ -470,13 +480,13 @@ class Gate:
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._waiting.values())
+        return sum(len(q) for q in self._classes.values())
 
     def offer(
         self, tasks: Sequence[TaskFuture], front: bool = False
     ) -> list[tuple[TaskFuture, ResourceError]]:
         """Start each task (at its current attempt) now if it fits, else
-        queue it; ``front`` queues ahead of the tasks of its priority.
+        queue it; ``front`` queues ahead of the tasks of its class.
 
         Returns the tasks whose request is larger than the capacity, each
         with its :class:`ResourceError`: they can never start.
@@ -496,15 +506,22 @@ class Gate:
                         continue
                     self._fits_once = request
                 lane = "exec" if definition.kind is executable else "fn"
-                if not self._waiting and self._fits(request, lane):
+                if not self._classes and self._fits(request, lane):
                     started.append((task, task.attempts, self._take(request, lane)))
                     continue
-                priority = definition.priority
-                queue = self._waiting.get(priority)
+                key = (lane, definition.priority, request)
+                queue = self._classes.get(key)
                 if queue is None:
-                    queue = self._waiting[priority] = deque()
-                    self._priorities = sorted(self._waiting, reverse=True)
-                entry: _Entry = [task, task.attempts, request, lane, 0]
+                    queue = self._classes[key] = deque()
+                self._count += 1
+                entry: _Entry = [
+                    task,
+                    task.attempts,
+                    request,
+                    lane,
+                    0,
+                    -self._count if front else self._count,
+                ]
                 if front:
                     queue.appendleft(entry)
                 else:
@@ -521,19 +538,24 @@ class Gate:
         return refused
 
     def release(
-        self, grant: Grant, lane: str, keep: str | None = None, chunk: bool = False
+        self,
+        grant: Grant,
+        lane: str,
+        keep: str | None = None,
+        short: TaskDefinition | None = None,
     ) -> tuple[tuple[TaskFuture, int, Grant], Held | None] | None:
         """Give back what an attempt held; start what now fits.
 
         With ``keep``, the first admitted task of that lane is not started
-        but returned, for the caller to run itself. With ``chunk`` too (the
-        caller's tasks are short), up to :data:`CHUNK` more waiting tasks
-        that ask for nothing special and come right after it are returned
-        as a :data:`Held` queue: the caller runs them one after the other in
-        the same slot (one lock round per chunk instead of one per task),
-        then calls :meth:`unhold` and releases the first one's grant once.
-        A caller left with nothing takes over the last task held by another
-        (so a long task never keeps short ones from an idle worker).
+        but returned, for the caller to run itself. When that task's
+        definition is ``short`` (its calls just ran short) and nothing else
+        is ahead of its class, up to :data:`CHUNK` more waiting calls of the
+        same definition come with it as a :data:`Held` queue: the caller
+        runs them one after the other in the same slot and with the same
+        grant (one lock round per chunk instead of one per task), then calls
+        :meth:`unhold` and releases the first one's grant once. A caller
+        left with nothing takes over the last task held by another (so a
+        long task never keeps short ones from an idle worker).
         """
         with self._lock:
             self._busy[lane] -= 1
@@ -549,16 +571,17 @@ class Gate:
                 used = self._custom_used
                 for key, amount in grant.custom.items():
                     used[key] -= amount
-            admitted = self._admit() if self._waiting else None
+            admitted = self._admit() if self._classes else None
             kept: tuple[tuple[TaskFuture, int, Grant], Held | None] | None = None
             if admitted:
                 for index, (entry, granted) in enumerate(admitted):
                     if entry[3] == keep:
                         del admitted[index]
                         held = None
-                        if chunk and self._waiting:
-                            held = self._chunk(lane, entry[2])
-                        kept = ((entry[0], entry[1], granted), held)
+                        task = entry[0]
+                        if short is not None and task._definition is short:
+                            held = self._chunk(entry, task._definition)
+                        kept = ((task, entry[1], granted), held)
                         break
             if kept is None and keep is not None and self._held:
                 kept = self._steal(keep)
@@ -572,6 +595,17 @@ class Gate:
         with self._lock:
             self._held.pop(id(held), None)
 
+    def close(self) -> list[TaskFuture]:
+        """Admit nothing more; return the tasks that were waiting."""
+        with self._lock:
+            self.closed = True
+            left = [e[0] for q in self._classes.values() for e in q]
+            self._classes.clear()
+            self._lane_waiting = dict.fromkeys(self._lane_waiting, 0)
+        return left
+
+    # -- under the lock --------------------------------------------------------
+
     def _steal(self, lane: str) -> tuple[tuple[TaskFuture, int, Grant], None] | None:
         for held in self._held.values():
             request = held.request
@@ -584,28 +618,37 @@ class Gate:
             return (task, attempt, self._take(request, lane)), None
         return None
 
-    def _chunk(self, lane: str, request: Request) -> Held | None:
-        """The tasks of ``lane`` at the head of the first waiting queue that
-        ask for ``request`` (the same object: calls of one definition), so
-        that nothing ahead of them is passed over."""
+    def _chunk(self, kept: _Entry, definition: TaskDefinition) -> Held | None:
+        """Calls of ``definition`` right behind ``kept`` in its class, when no
+        other class has a waiting task ahead of them."""
+        lane, request = kept[3], kept[2]
+        queue = self._classes.get((lane, definition.priority, request))
+        if not queue:
+            return None
         slots = self._slots[lane] or 1
         size = min(CHUNK, (self._lane_waiting[lane] - slots) // slots)
         if size < 1:
             return None
-        queue = self._waiting[self._priorities[0]]
+        first = queue[0][5]
+        priority = definition.priority
+        for (other_lane, other_priority, _), other in self._classes.items():
+            ahead = other_priority > priority or (
+                other_priority == priority and bool(other) and other[0][5] < first
+            )
+            if ahead and other and other is not queue and other_lane == lane:
+                return None  # something else comes first
         running = self._running
         held = Held(request)
         while queue and size > 0:
             entry = queue[0]
             task = entry[0]
-            if task.state is not running or task.attempts != entry[1]:
-                queue.popleft()
-                self._lane_waiting[entry[3]] -= 1
-                continue
-            if entry[2] is not request or entry[3] != lane:
+            if task._definition is not definition:
                 break
             queue.popleft()
             self._lane_waiting[lane] -= 1
+            if task.state is not running or task.attempts != entry[1]:
+                self._drop(task)
+                continue
             held.append((task, entry[1]))
             size -= 1
         self._drop_empty()
@@ -613,18 +656,6 @@ class Gate:
             return None
         self._held[id(held)] = held
         return held
-
-    def close(self) -> list[TaskFuture]:
-        """Admit nothing more; return the tasks that were waiting."""
-        with self._lock:
-            self.closed = True
-            left = [e[0] for q in self._waiting.values() for e in q]
-            self._waiting.clear()
-            self._lane_waiting = dict.fromkeys(self._lane_waiting, 0)
-            self._priorities = []
-        return left
-
-    # -- under the lock --------------------------------------------------------
 
     def _fits(self, request: Request, lane: str) -> bool:
         if self.closed:
@@ -675,62 +706,69 @@ class Gate:
                 used[key] = used.get(key, 0) + amount
         return Grant(request.cpus, gpus, request.memory, request.custom, cpu_ids)
 
+    def _drop(self, task: TaskFuture) -> None:
+        if self._dropped is not None:
+            self._dropped(task)
+
+    def _lane_open(self, lane: str) -> bool:
+        slots = self._slots[lane]
+        return slots is None or self._busy[lane] < slots
+
     def _admit(self) -> list[tuple[_Entry, Grant]]:
-        """Admit waiting tasks that fit, in priority then call order."""
+        """Admit waiting tasks that fit: the heads of the classes, in priority
+        then call order, as long as their lanes have room."""
         admitted: list[tuple[_Entry, Grant]] = []
-        blocked: list[_Entry] = []  # waiting for resources, not for a slot
+        if self.closed:
+            return admitted
         running = self._running
-        for priority in self._priorities:
-            queue = self._waiting[priority]
-            index = 0
-            while index < len(queue) and index < BACKFILL_WINDOW:
-                if not self._any_open():
-                    self._drop_empty()
-                    return admitted
-                entry = queue[index]
-                task, attempt = entry[0], entry[1]
-                if task.state is not running or task.attempts != attempt:
-                    del queue[index]  # cancelled or retried meanwhile
-                    self._lane_waiting[entry[3]] -= 1
-                    continue
-                request, lane = entry[2], entry[3]
-                if self._fits(request, lane):
-                    del queue[index]
-                    self._lane_waiting[lane] -= 1
-                    admitted.append((entry, self._take(request, lane)))
-                    for waiting in blocked:
-                        waiting[4] += 1
-                    continue
-                if self.closed:
+        heads = []
+        for key, queue in self._classes.items():
+            while queue:
+                entry = queue[0]
+                if entry[0].state is running and entry[0].attempts == entry[1]:
                     break
-                slots = self._slots[lane]
-                if slots is None or self._busy[lane] < slots:
-                    # It waits for resources: others may pass it, a while.
-                    if entry[4] >= BYPASS_LIMIT:
-                        self._drop_empty()
-                        return admitted
-                    blocked.append(entry)
-                index += 1
+                queue.popleft()  # cancelled or retried meanwhile
+                self._lane_waiting[key[0]] -= 1
+                self._drop(entry[0])
+            if queue and self._lane_open(key[0]):
+                heads.append((-key[1], queue[0][5], key))
+        if not heads:
+            self._drop_empty()
+            return admitted
+        heapq.heapify(heads)
+        blocked: list[_Entry] = []  # heads waiting for resources
+        while heads:
+            _, _, key = heapq.heappop(heads)
+            lane = key[0]
+            if not self._lane_open(lane):
+                continue
+            queue = self._classes[key]
+            while queue:
+                entry = queue[0]
+                if entry[0].state is running and entry[0].attempts == entry[1]:
+                    break
+                queue.popleft()
+                self._lane_waiting[lane] -= 1
+                self._drop(entry[0])
+            if not queue:
+                continue
+            entry = queue[0]
+            if self._resources_fit(entry[2]):
+                queue.popleft()
+                self._lane_waiting[lane] -= 1
+                admitted.append((entry, self._take(entry[2], lane)))
+                for waiting in blocked:
+                    waiting[4] += 1
+                if queue:
+                    heapq.heappush(heads, (-key[1], queue[0][5], key))
+                continue
+            if entry[4] >= BYPASS_LIMIT:
+                break  # it has waited long enough: what frees up is its
+            blocked.append(entry)  # its class waits; others may pass, a while
         self._drop_empty()
         return admitted
 
-    def _any_open(self) -> bool:
-        """True while a lane that has tasks waiting has a free slot."""
-        busy = self._busy
-        waiting = self._lane_waiting
-        for lane, slots in self._slots.items():
-            if waiting[lane] and (slots is None or busy[lane] < slots):
-                return not self.closed
-        return False
-
     def _drop_empty(self) -> None:
-        empty = [p for p, q in self._waiting.items() if not q]
-        if empty:
-            for priority in empty:
-                del self._waiting[priority]
-            self._priorities = sorted(self._waiting, reverse=True)
-
-
-def requests_of(tasks: Iterable[TaskFuture]) -> list[Request]:
-    """The requests of ``tasks`` (the default one where none was declared)."""
-    return [t._definition.resources or DEFAULT_REQUEST for t in tasks]
+        empty = [key for key, queue in self._classes.items() if not queue]
+        for key in empty:
+            del self._classes[key]

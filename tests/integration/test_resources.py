@@ -651,3 +651,190 @@ async def test_rhapsody_pilot_descriptions_carry_resources_and_priority(engines)
         "priority": 4,
     }
     assert second == {"ranks": 1, "cores_per_rank": 16}  # the user's key wins
+
+
+# -- regressions found in review -------------------------------------------------
+
+
+async def test_a_free_lane_is_never_blocked_by_many_waiting_in_a_full_one(engines):
+    release = threading.Event()
+    flow = await engines(LocalExecutionBackend(ThreadPoolExecutor(1), cpus=8))
+
+    @flow.function_task
+    def blocker() -> None:
+        release.wait(20)
+
+    @flow.function_task
+    def small(i: int) -> int:
+        return i
+
+    @flow.executable_task
+    def command() -> str:
+        return "echo ran"
+
+    first = blocker()
+    smalls = [small(i) for i in range(200)]
+    try:
+        assert (await asyncio.wait_for(asyncio.shield(done := command()), 10)) == (
+            "ran\n"
+        )
+    finally:
+        release.set()
+    assert await asyncio.gather(*smalls) == list(range(200))
+    await first
+    assert done.done()
+
+
+async def test_a_task_that_fits_passes_many_that_wait_for_a_busy_gpu(engines):
+    release = threading.Event()
+    flow = await engines(KINDS["threads"](gpus=1, cpus=4))
+
+    @flow.function_task(resources={"gpus": 1})
+    def on_gpu(i: int) -> int:
+        if i == 0:
+            release.wait(20)
+        return i
+
+    @flow.function_task
+    def cpu_only() -> str:
+        return "ran"
+
+    gpu_calls = [on_gpu(i) for i in range(100)]
+    try:
+        assert await asyncio.wait_for(cpu_only(), 10) == "ran"
+    finally:
+        release.set()
+    assert await asyncio.gather(*gpu_calls) == list(range(100))
+
+
+async def test_a_higher_priority_task_is_not_stuck_behind_taken_chunks(engines):
+    flow = await engines(LocalExecutionBackend(ThreadPoolExecutor(1)))
+    running = threading.Event()
+    go = threading.Event()
+    order: list[str] = []
+
+    @flow.function_task
+    def quick(name: str) -> None:
+        order.append(name)
+
+    @flow.function_task
+    def step(name: str) -> None:
+        order.append(name)
+        if name == "low1":
+            running.set()
+            go.wait(10)
+
+    low = [quick("low0")] + [step(f"low{i}") for i in range(1, 21)]
+    await asyncio.get_running_loop().run_in_executor(None, running.wait, 10)
+    urgent = step.options(priority=10)("urgent")
+    await asyncio.sleep(0.2)  # the backend has it
+    go.set()
+    await asyncio.gather(*low, urgent)
+    assert order.index("urgent") == 2
+
+
+@pytest.mark.parametrize("kind", ["threads", "asyncio"])
+async def test_a_request_that_can_never_fit_is_not_retried(kind: str, engines):
+    flow = await engines(KINDS[kind](cpus=2))
+    calls = []
+
+    @flow.function_task(resources={"cpus": 4}, retries=3, retry_delay=5)
+    def never() -> None:
+        calls.append(1)
+
+    with pytest.raises(ResourceError):
+        await asyncio.wait_for(never(), 4)  # four attempts would take 15 s
+    assert calls == []
+
+
+async def test_detected_gpus_are_hidden_from_commands_that_ask_for_none(
+    engines, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    flow = await engines(KINDS["threads"]())
+
+    @flow.executable_task(resources={"cpus": 1})
+    def cpu_command() -> str:
+        return 'echo "[$CUDA_VISIBLE_DEVICES]"'
+
+    @flow.executable_task(resources={"gpus": 1})
+    def gpu_command() -> str:
+        return 'echo "[$CUDA_VISIBLE_DEVICES]"'
+
+    assert (await cpu_command()).strip() == "[]"
+    assert (await gpu_command()).strip() in {"[0]", "[1]"}
+    assert (await cpu_command()).strip() == "[]"
+
+
+async def test_system_exit_in_one_short_async_body_fails_only_that_task(engines):
+    flow = await engines(LocalExecutionBackend(ThreadPoolExecutor(1)))
+
+    @flow.function_task
+    async def body(i: int) -> int:
+        if i == 20:
+            raise SystemExit(3)
+        return i
+
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*[body(i) for i in range(60)], return_exceptions=True), 20
+    )
+    assert isinstance(outcomes[20], RuntimeError)
+    assert "SystemExit" in str(outcomes[20])
+    assert [o for i, o in enumerate(outcomes) if i != 20] == [
+        i for i in range(60) if i != 20
+    ]
+    assert flow.backend._gate._busy == {"fn": 0, "exec": 0}
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two CPUs and sched_setaffinity",
+)
+async def test_a_pinned_task_leaves_its_thread_unpinned(engines):
+    flow = await engines(
+        LocalExecutionBackend(ThreadPoolExecutor(1), pin_cpus=True, cpus=2)
+    )
+
+    @flow.function_task(resources={"cpus": 1})
+    def pinned() -> list[int]:
+        return sorted(os.sched_getaffinity(threading.get_native_id()))
+
+    @flow.function_task(resources={"cpus": 0})
+    def free() -> list[int]:
+        return sorted(os.sched_getaffinity(threading.get_native_id()))
+
+    assert len(await pinned()) == 1
+    assert await free() == sorted(os.sched_getaffinity(0))
+
+
+async def test_the_engine_never_sees_a_tasks_grant(engines):
+    flow = await engines(KINDS["asyncio"](gpus=["7"], cpus=4))
+
+    @flow.function_task(resources={"gpus": 1, "cpus": 3})
+    async def on_gpu() -> str:
+        return current_resources()["gpus"][0]
+
+    @flow.block
+    async def after(device: str) -> dict[str, Any]:
+        return current_resources()
+
+    assert await after(on_gpu()) == {}
+
+
+async def test_shutdown_with_many_waiting_async_tasks_is_quick_and_clean(
+    caplog: pytest.LogCaptureFixture,
+):
+    flow = await WorkflowEngine.create(LocalExecutionBackend(ThreadPoolExecutor(2)))
+    started = threading.Event()
+
+    @flow.function_task
+    async def slow(i: int) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    futures = [slow(i) for i in range(20_000)]
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    with caplog.at_level("WARNING", logger="asyncflow"):
+        await asyncio.wait_for(flow.shutdown(), 30)
+    assert all(f.cancelled() for f in futures)
+    assert not [r for r in caplog.records if "failed to cancel" in r.getMessage()]

@@ -17,6 +17,7 @@ from ..resources import (
     Capacity,
     Gate,
     Grant,
+    reset_current,
     set_current,
 )
 from ..tasks import TaskFuture, TaskKind, TaskState
@@ -32,6 +33,15 @@ def _started_then_call(reporter: TaskReporter, task: TaskFuture, attempt: int) -
     if task._definition.reliability is not None:
         reporter.started_threadsafe(task, attempt)
     return task._definition.function(*task.args, **task.kwargs)
+
+
+async def _granted(grant: Grant, body: Any) -> Any:
+    """Await ``body`` with ``grant`` as what current_resources() returns."""
+    token = set_current(grant)
+    try:
+        return await body
+    finally:
+        reset_current(token)
 
 
 class AsyncioExecutionBackend(ExecutionBackend):
@@ -111,7 +121,6 @@ class AsyncioExecutionBackend(ExecutionBackend):
         self._gate.release(grant, "fn")
 
     async def _run(self, task: TaskFuture, attempt: int, grant: Grant) -> None:
-        set_current(grant)  # this asyncio task's own context
         definition = task._definition
         reporter = self.reporter
         log_started(task)
@@ -119,15 +128,20 @@ class AsyncioExecutionBackend(ExecutionBackend):
         try:
             if definition.is_async:
                 reporter.started(task, attempt)
-                value = await definition.function(*task.args, **task.kwargs)
+                value = await _granted(
+                    grant, definition.function(*task.args, **task.kwargs)
+                )
             else:
                 if self._threads is None:
                     self._threads = DaemonThreadPool(
                         self._max_threads, thread_name_prefix=f"asyncflow-{self.name}"
                     )
                 call = partial(_started_then_call, reporter, task, attempt)
-                # In this task's context: current_resources() sees its grant.
-                pending = self._threads.submit(contextvars.copy_context().run, call)
+                # In a copy of this task's context where current_resources()
+                # sees its grant (the engine's own work never does).
+                context = contextvars.copy_context()
+                context.run(set_current, grant)
+                pending = self._threads.submit(context.run, call)
                 try:
                     value = await asyncio.wrap_future(pending)
                 finally:

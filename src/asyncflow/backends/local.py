@@ -82,33 +82,39 @@ def _drain_in_thread(
     while True:
         began = _perf_counter()
         ran = 1
-        together: list[tuple[TaskFuture, int]] = []
-        if held is not None and task._definition.is_async:
-            together.append((task, attempt))
-        else:
-            _run_granted(task, attempt, grant, reporter, coroutines, stops)
-        if held is not None:
-            while True:
-                try:
-                    extra, extra_attempt = held.popleft()
-                except IndexError:
-                    break
-                if extra._definition.is_async:
-                    # Short async bodies share one turn of the worker's loop.
-                    together.append((extra, extra_attempt))
-                else:
-                    _run_granted(
-                        extra, extra_attempt, grant, reporter, coroutines, stops
-                    )
-                ran += 1
-            gate.unhold(held)
-            if together:
-                _run_together(together, grant, reporter, coroutines, stops)
-        # Only short tasks are taken several at a time: a worker never holds
-        # long work that an idle one could have run.
-        short = _perf_counter() - began < SHORT_TASK * ran
+        try:
+            together: list[tuple[TaskFuture, int]] = []
+            if held is not None and task._definition.is_async:
+                together.append((task, attempt))
+            else:
+                _run_granted(task, attempt, grant, reporter, coroutines, stops)
+            if held is not None:
+                while True:
+                    try:
+                        extra, extra_attempt = held.popleft()
+                    except IndexError:
+                        break
+                    if extra._definition.is_async:
+                        # Short async bodies share one turn of the worker's loop.
+                        together.append((extra, extra_attempt))
+                    else:
+                        _run_granted(
+                            extra, extra_attempt, grant, reporter, coroutines, stops
+                        )
+                    ran += 1
+                gate.unhold(held)
+                if together:
+                    _run_together(together, grant, reporter, coroutines, stops)
+        except BaseException:
+            # A bug of ours: never keep the slot (the crash is logged).
+            gate.release(grant, "fn")
+            raise
+        # Only calls that ran short are taken several at a time, and only
+        # calls of the same definition: a worker never holds long work that
+        # an idle one could have run.
+        short = task._definition if _perf_counter() - began < SHORT_TASK * ran else None
         # The chunk ran in the first task's slot: give that back once.
-        following = gate.release(grant, "fn", keep="fn", chunk=short)
+        following = gate.release(grant, "fn", keep="fn", short=short)
         if following is None:
             return
         (task, attempt, grant), held = following
@@ -127,8 +133,8 @@ def _run_granted(
     try:
         _run_in_thread(task, attempt, reporter, coroutines, stops)
     finally:
-        if pinned:
-            _unpin()
+        if pinned is not None:
+            _unpin(pinned)
         reset_current(token)
 
 
@@ -155,7 +161,7 @@ def _run_together(
             definition = task._definition
             try:
                 runner = loop.create_task(
-                    definition.function(*task.args, **task.kwargs)
+                    _guarded(definition.function(*task.args, **task.kwargs))
                 )
             except BaseException as exc:  # the call itself raised
                 stops.discard(task)
@@ -177,9 +183,20 @@ def _run_together(
         if running:
             loop.run_until_complete(asyncio.wait(running))
     finally:
-        if pinned:
-            _unpin()
+        if pinned is not None:
+            _unpin(pinned)
         reset_current(token)
+
+
+async def _guarded(body: Any) -> tuple[bool, Any]:
+    """``(True, value)`` or ``(False, error)``: SystemExit or
+    KeyboardInterrupt from one body must not stop the others' loop turn."""
+    try:
+        return True, await body
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return False, exc
 
 
 def _ended_together(
@@ -200,7 +217,8 @@ def _ended_together(
         else:
             error = runner.exception()
             if error is None:
-                report(task, True, runner.result(), attempt)
+                ok, value = runner.result()
+                report(task, ok, value, attempt)
             else:
                 report(task, False, error, attempt)
     elif not runner.cancelled():
@@ -209,26 +227,23 @@ def _ended_together(
         handle.set_result(None)
 
 
-def _pin(cpu_ids: tuple[int, ...]) -> bool:
-    """Pin the calling thread to ``cpu_ids`` (when CPU pinning is on)."""
+def _pin(cpu_ids: tuple[int, ...]) -> set[int] | None:
+    """Pin the calling thread to ``cpu_ids`` (when CPU pinning is on);
+    returns the CPUs it ran on before, for :func:`_unpin`."""
     if not cpu_ids:
-        return False
+        return None
     try:
-        os.sched_setaffinity(threading.get_native_id(), cpu_ids)
+        thread = threading.get_native_id()
+        before = os.sched_getaffinity(thread)
+        os.sched_setaffinity(thread, cpu_ids)
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return False
-    return True
+        return None
+    return before
 
 
-_ALL_CPUS: tuple[int, ...] = ()
-
-
-def _unpin() -> None:
-    global _ALL_CPUS
-    if not _ALL_CPUS:
-        _ALL_CPUS = tuple(os.sched_getaffinity(0)) or (0,)
+def _unpin(before: set[int]) -> None:
     try:
-        os.sched_setaffinity(threading.get_native_id(), _ALL_CPUS)
+        os.sched_setaffinity(threading.get_native_id(), before)
     except OSError:  # pragma: no cover
         pass
 
@@ -344,8 +359,8 @@ def _call_in_process(payload: bytes) -> bytes:
         else:
             value = function(*args, **kwargs)
     finally:
-        if pinned:
-            _unpin()
+        if pinned is not None:
+            _unpin(pinned)
         reset_current(token)
     # Pickled here, so that the error can say it was the result.
     try:
@@ -453,6 +468,7 @@ class LocalExecutionBackend(ExecutionBackend):
             {"fn": self.max_workers, "exec": self.max_workers},
             self._start,
             name,
+            dropped=self._stops_forget,
         )
         self._loop_thread: int | None = None
         self._subprocesses = SubprocessRunner(
@@ -542,6 +558,9 @@ class LocalExecutionBackend(ExecutionBackend):
                 self.reporter.failed(task, exc)
             return
         self._start_process(task, attempt, grant)
+
+    def _stops_forget(self, task: TaskFuture) -> None:
+        self._stops.discard(task)
 
     def _executable_ended(self, grant: Grant) -> None:
         self._gate.release(grant, "exec")
@@ -693,10 +712,8 @@ class LocalExecutionBackend(ExecutionBackend):
             return
         running = self._coroutines.get(task)
         if running is None:  # not started, or not registered yet
-            stops = self._stops
-            if len(stops) > 1024:  # forget the ones that never started
-                stops.difference_update([t for t in stops if t.state is not _RUNNING])
-            stops.add(task)
+            # Forgotten when it starts, when the gate drops it, or at shutdown.
+            self._stops.add(task)
         else:  # an async body: cancel it in its thread
             loop, runner = running
             try:
