@@ -171,7 +171,12 @@ def _run_together(
                     handle.set_result(None)
                 continue
             coroutines[task] = (loop, runner)
-            if task in stops:  # cancelled before it was registered
+            if (  # cancelled, timed out or shut down before it was registered
+                task in stops
+                or task.state is not _RUNNING
+                or task.attempts != attempt
+                or task._engine._scheduler.closing
+            ):
                 runner.cancel()
             # Each outcome is reported as soon as it is in, not with the last.
             runner.add_done_callback(
