@@ -608,6 +608,54 @@ TARGETS: tuple[Target, ...] = (
         ),
         _times,
     ),
+    # Performance round two (async bodies are the seed's style).
+    Target(
+        "W1",
+        "W1 async def bodies: >= 2x the raw run_in_executor baseline",
+        lambda q: _at_least(2)(_ratio(q("W1", "asyncflow", ""), q("W1", "raw", ""))),
+        _times,
+    ),
+    Target(
+        "W1",
+        "W1 def bodies: >= 150,000 tasks/s",
+        lambda q: _at_least(150_000)(q("W1", "asyncflow", "def")),
+        lambda v: f"{v:,.0f} tasks/s",
+    ),
+    Target(
+        "W2",
+        "W2 threads: per hop <= 1.0x the raw executor round trip",
+        lambda q: _at_most(1.0)(
+            _ratio(
+                q("W2 threads", "asyncflow", "threads"),
+                q("W2 threads", "raw", "threads"),
+            )
+        ),
+        _times,
+    ),
+    Target(
+        "W4",
+        "W4 1M dry run: >= 200,000 tasks/s",
+        lambda q: _at_least(200_000)(q("W4 1M", "asyncflow", "")),
+        lambda v: f"{v:,.0f} tasks/s",
+    ),
+    Target(
+        "W4",
+        "W4 1M dry run: peak RSS <= 400 MiB",
+        lambda q: _at_most(400)(q("W4 1M", "asyncflow", "", "peak_rss_mb")),
+        lambda v: f"{v:,.0f} MiB",
+    ),
+    Target(
+        "W4",
+        "W4 100k: memory per task <= 0.35 KiB",
+        lambda q: _at_most(0.35)(q("W4 100k", "asyncflow", "", "kb_per_task")),
+        lambda v: f"{v:.2f} KiB",
+    ),
+    Target(
+        "W6",
+        "W6 map-reduce on threads: >= 2x the raw baseline",
+        lambda q: _at_least(2)(_ratio(q("W6", "asyncflow", ""), q("W6", "raw", ""))),
+        _times,
+    ),
     Target(
         "W2",
         "W2 asyncio-native: <= 20 µs per hop",
