@@ -164,10 +164,7 @@ class Scheduler(Attempts):
             nonlocal left
             left -= 1
             if left == 0 and task.state is PENDING:
-                self._ready.append(task)
-                if not (self._flush_scheduled or self._flushing):
-                    self._loop.call_soon(self._flush)
-                    self._flush_scheduled = True
+                self._enqueue(task)
 
         for dep in missing:
             dep.add_done_callback(arrived)  # which fetches the value

@@ -269,10 +269,7 @@ class Graph:
         elif self.chaining and self._chainable(task, deps):
             # Its unfinished dependencies run on the backend that runs it:
             # dispatch hands it over with their futures (see _passable).
-            self._ready.append(task)
-            if not (self._flush_scheduled or self._flushing):
-                self._loop.call_soon(self._flush)
-                self._flush_scheduled = True
+            self._enqueue(task)
         return task
 
     def _chainable(self, task: TaskFuture, deps: list[TaskFuture]) -> bool:
@@ -354,6 +351,10 @@ class Graph:
     def _release(self, task: TaskFuture) -> None:
         if self.observers.active:
             self._event("ready", task)
+        self._enqueue(task)
+
+    def _enqueue(self, task: TaskFuture) -> None:
+        """Queue ``task`` for dispatch and make sure a flush is coming."""
         self._ready.append(task)
         if not (self._flush_scheduled or self._flushing):
             try:
@@ -444,13 +445,7 @@ class Graph:
             else:
                 _set_result(task, value)
                 if task._key is not None:
-                    store = self.store
-                    if store is not None:
-                        try:
-                            store.store(task._key, task, value)
-                        except Exception as exc:  # never let the store wedge the run
-                            self._store_failed(exc)
-                    task._key = None
+                    self._record(task, value)
         elif state is FAILED:
             if not isinstance(value, Exception) or isinstance(value, StopIteration):
                 # SystemExit & co. would tear down whoever awaits the future.
@@ -514,19 +509,23 @@ class Graph:
             return
         if ok:
             _set_result(task, value)
-            key = task._key
-            if key is not None:
-                task._key = None
-                store = self.store
-                if store is not None:
-                    try:
-                        store.store(key, task, value)
-                    except Exception as exc:  # never let the store wedge the run
-                        self._store_failed(exc)
+            if task._key is not None:
+                self._record(task, value)
         else:
             _set_exception(task, value)
             # The task itself succeeded: only a waiter needs to hear of this.
             task._log_traceback = False
+
+    def _record(self, task: TaskFuture, value: Any) -> None:
+        """Give a result to the checkpoint (once: the key is dropped)."""
+        key = task._key
+        task._key = None
+        store = self.store
+        if store is not None and key is not None:
+            try:
+                store.store(key, task, value)
+            except Exception as exc:  # never let the store wedge the run
+                self._store_failed(exc)
 
     @staticmethod
     def _cancel_message(dep: TaskFuture) -> str:

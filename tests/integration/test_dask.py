@@ -511,6 +511,17 @@ async def test_resources_priority_and_workers_map_onto_dask(
     assert await pinned == workers[1]
     gpu = where.options(resources={"gpus": 1, "licences": 1}, priority=5)
     assert await gpu() in workers
+
+    @flow.function_task
+    def placement() -> tuple[Any, int]:
+        from distributed.worker import thread_state
+
+        mine = distributed.get_worker().state.tasks[thread_state.key]
+        return mine.resource_restrictions, -mine.priority[0]
+
+    asked = placement.options(resources={"gpus": 1, "licences": 1}, priority=5)
+    assert await asked() == ({"GPU": 1, "licences": 1}, 5)
+    assert await placement() == (None, 0)
     # Asked of a cluster that can never give it: fails at submit, no hang.
     for request in ({"gpus": 2}, {"tape_drives": 1}):
         error = await outcome(where.options(resources=request)())
@@ -603,7 +614,11 @@ async def test_a_task_whose_worker_is_killed_is_rescheduled(
             return os.getpid()
 
         fut = survives()
-        await wait_until(first_pid.exists, "the task to start")
+        # Written in two steps (create, then write): wait for the number.
+        await wait_until(
+            lambda: first_pid.exists() and first_pid.read_text().strip() != "",
+            "the task to start",
+        )
         os.kill(int(first_pid.read_text()), signal.SIGKILL)
         pid = await asyncio.wait_for(fut, LIVENESS)
         assert pid != int(first_pid.read_text())

@@ -468,6 +468,10 @@ def test_read_trace_refuses_what_is_not_a_trace(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="line 2"):
         read_trace(broken)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_trace(empty)
 
 
 async def test_a_subscriber_raising_cancelled_error_is_detached(

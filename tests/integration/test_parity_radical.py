@@ -33,6 +33,8 @@ from asyncflow import (
 from asyncflow.backends import DRY_RUN_PROMPT_RESULT
 from asyncflow.logging import init_default_logger
 
+from ..processes import carrying, wait_until
+
 # -- dry runs -------------------------------------------------------------------
 
 
@@ -616,3 +618,23 @@ def test_file_declarations_import_from_where_radical_scripts_take_them():
     assert DataInput is InputFile
     assert DataOutput is OutputFile
     assert DRY_RUN_PROMPT_RESULT == "Dummy Prompt Output"
+
+
+async def test_shutdown_skip_execution_backend_still_stops_a_running_command(
+    tmp_path: Path,
+) -> None:
+    # SPEC §11: nothing is orphaned, even when the backend itself is kept.
+    mark = {"ASYNCFLOW_TEST_MARK": f"skip-{tmp_path.name}"}
+    backend = await LocalExecutionBackend(ThreadPoolExecutor(2))
+    flow = await WorkflowEngine.create(backend=backend)
+
+    @flow.executable_task
+    def sleeper() -> str:
+        return "sleep 60"
+
+    running = sleeper(task_description={"env": mark})
+    await wait_until(lambda: bool(carrying(mark)), "the command to start")
+    await flow.shutdown(skip_execution_backend=True)
+    assert running.cancelled()
+    await wait_until(lambda: not carrying(mark), "the command to be stopped")
+    await backend.shutdown()

@@ -285,6 +285,49 @@ async def test_a_plain_function_runs_in_a_thread(engines) -> None:
     assert threads[0] != threading.get_ident()
 
 
+@pytest.mark.parametrize("prompt", ["", 42, None])
+async def test_an_empty_or_non_string_prompt_fails_before_the_model_is_called(
+    engines, prompt: Any
+) -> None:
+    # SPEC §8: a prompt body must give a non-empty string.
+    asked: list[str] = []
+
+    async def model(text: str) -> str:
+        asked.append(text)
+        return "answer"
+
+    flow = await engines(CallablePromptBackend(model))
+
+    @flow.prompt_task(backend="llm")
+    def ask() -> Any:
+        return prompt
+
+    with pytest.raises(ValueError, match="ask"):
+        await ask()
+    assert asked == []
+
+
+async def test_shutdown_with_a_prompt_in_flight_never_hangs(engines) -> None:
+    # SPEC §11: a model that never answers does not hold shutdown up.
+    entered = asyncio.Event()
+
+    async def stuck(text: str) -> str:
+        entered.set()
+        await asyncio.sleep(3600)
+        return "never"
+
+    flow = await engines(CallablePromptBackend(stuck))
+
+    @flow.prompt_task(backend="llm")
+    def ask() -> str:
+        return "hello"
+
+    pending = ask()
+    await asyncio.wait_for(entered.wait(), LIVENESS)
+    await asyncio.wait_for(flow.shutdown(timeout=2), LIVENESS)
+    assert pending.cancelled()
+
+
 async def test_the_callables_failure_fails_the_task_and_its_dependents(
     engines,
 ) -> None:

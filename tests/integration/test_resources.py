@@ -144,18 +144,24 @@ async def test_memory_is_admitted_against_the_declared_total(engines, tmp_path: 
     def big(folder: str, name: str) -> tuple[int, int]:
         return _hold(folder, name, 1), current_resources()["memory"]
 
-    @flow.function_task(resources={"memory": 400 * 2**20})
-    def fits_beside(folder: str, name: str) -> int:
-        return _hold(folder, name, 1)
-
     out = await asyncio.gather(*[big(str(tmp_path), f"b{i}") for i in range(4)])
+    # Two of 600 MiB never fit in 1 GiB together: each ran alone.
     assert out == [(1, 600 * 2**20)] * 4
-    # 600 MiB + 400 MiB fit in 1 GiB together: these may overlap a big one.
-    mixed = await asyncio.gather(
-        big(str(tmp_path), "x"), fits_beside(str(tmp_path), "y")
-    )
-    assert mixed[0][1] == 600 * 2**20
-    assert mixed[1] >= 1
+
+    # 600 MiB + 400 MiB fit together: admission lets them run at once.
+    together = threading.Barrier(2, timeout=10)
+
+    @flow.function_task(resources={"memory": "600MiB"})
+    def large() -> int:
+        together.wait()
+        return current_resources()["memory"]
+
+    @flow.function_task(resources={"memory": 400 * 2**20})
+    def beside() -> int:
+        together.wait()
+        return current_resources()["memory"]
+
+    assert await asyncio.gather(large(), beside()) == [600 * 2**20, 400 * 2**20]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -83,7 +84,10 @@ async def test_a_long_async_body_among_short_ones_can_be_cancelled(flow):
 
 async def test_timeouts_and_retries_of_short_async_bodies(flow):
     attempts: dict[int, int] = {}
-    overlap = threading.Lock()
+    # One lock per call, held by its first attempt while it hangs: a second
+    # attempt of the same call running meanwhile would find it taken.
+    running = {i: threading.Lock() for i in range(300)}
+    found_free: dict[int, bool] = {}
     lock = threading.Lock()
 
     @flow.function_task(timeout=0.5, retries=1)
@@ -91,19 +95,21 @@ async def test_timeouts_and_retries_of_short_async_bodies(flow):
         with lock:
             attempts[i] = attempts.get(i, 0) + 1
             first = attempts[i] == 1
-        if i % 50 == 0 and first:
-            # Holds the lock while it hangs: a second attempt of the same call
-            # running meanwhile would find it taken.
-            assert overlap.acquire(blocking=False)
-            try:
+        if not running[i].acquire(blocking=False):
+            found_free[i] = False
+            return -1
+        try:
+            found_free.setdefault(i, True)
+            if i % 50 == 0 and first:
                 await asyncio.sleep(60)
-            finally:
-                overlap.release()
+        finally:
+            running[i].release()
         return i
 
     results = await asyncio.gather(*[sometimes_hangs(i) for i in range(300)])
     assert results == list(range(300))
     assert {i for i, n in attempts.items() if n == 2} == set(range(0, 300, 50))
+    assert all(found_free.values())
 
     @flow.function_task(timeout=0.2)
     async def always_hangs() -> None:
@@ -120,13 +126,44 @@ async def test_each_short_task_sees_its_own_grant():
     async with await WorkflowEngine.create(backend) as flow:
 
         @flow.function_task(resources={"gpus": 1, "tokens": 2})
-        async def on_gpu(i: int) -> list[str]:
-            return current_resources()["gpus"]
+        async def on_gpu(i: int) -> tuple[str, dict]:
+            return "gpu", current_resources()
 
         @flow.function_task(resources={"tokens": 3})
-        def plain(i: int) -> int:
-            return current_resources()["tokens"]
+        def plain(i: int) -> tuple[str, dict]:
+            return "plain", current_resources()
 
-        gpus = await asyncio.gather(*[on_gpu(i) for i in range(300)])
-        assert all(len(g) == 1 and g[0] in {"0", "1"} for g in gpus)
-        assert await asyncio.gather(*[plain(i) for i in range(300)]) == [3] * 300
+        calls = []
+        for i in range(300):
+            calls += [on_gpu(i), plain(i)]
+        for kind, grant in await asyncio.gather(*calls):
+            if kind == "gpu":
+                assert grant["tokens"] == 2
+                assert len(grant["gpus"]) == 1
+                assert grant["gpus"][0] in {"0", "1"}
+            else:
+                assert grant["tokens"] == 3
+                assert grant["gpus"] == []
+
+
+async def test_a_blocking_body_never_times_out_calls_waiting_beside_it(flow):
+    # SPEC §11 (never lie): a call's timeout is its own; one body blocking
+    # its worker must not fail, nor re-run, the calls queued with it.
+    runs: dict[int, int] = {}
+    lock = threading.Lock()
+
+    @flow.function_task(timeout=0.5, retries=1)
+    async def body(i: int) -> int:
+        with lock:
+            runs[i] = runs.get(i, 0) + 1
+        if i == 40:
+            time.sleep(2)  # blocks its worker thread, not only itself
+        return i
+
+    assert await asyncio.gather(*[body(i) for i in range(30)]) == list(range(30))
+    outcomes = await asyncio.gather(
+        *[body(i) for i in range(30, 300)], return_exceptions=True
+    )
+    failed = [30 + k for k, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    assert failed in ([], [40])
+    assert {i for i, n in runs.items() if n > 1} <= {40}

@@ -569,7 +569,7 @@ class DaskExecutionBackend(ExecutionBackend):
     def _placeable(self, task: TaskFuture) -> bool:
         """Whether the task's resources are known to fit a worker as last
         seen (a task that declares none always is)."""
-        request = getattr(task, "resources", None)
+        request = task.resources
         if request is None:
             return True
         workers = self._workers
@@ -651,7 +651,7 @@ class DaskExecutionBackend(ExecutionBackend):
 
     def _placement(self, task: TaskFuture, workers: _Workers | None) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        priority = getattr(task, "priority", 0)
+        priority = task.priority
         if priority:
             options["priority"] = priority
         description = task.task_description
@@ -659,7 +659,7 @@ class DaskExecutionBackend(ExecutionBackend):
             options["workers"] = description["workers"]
         if "allow_other_workers" in description:
             options["allow_other_workers"] = bool(description["allow_other_workers"])
-        request = getattr(task, "resources", None)
+        request = task.resources
         if request is not None:
             resources = self._dask_resources(task, request, workers)
             if resources:
@@ -692,7 +692,7 @@ class DaskExecutionBackend(ExecutionBackend):
                 raise error
             wanted[dask_name] = amount
 
-        cpus = int(getattr(request, "cpus", 1) or 0)
+        cpus = int(request.cpus or 0)
         if "CPU" in declared:
             need("cpus", "CPU", cpus)
         elif cpus > 1:
@@ -708,10 +708,10 @@ class DaskExecutionBackend(ExecutionBackend):
                 "with --resources CPU=N to have it honoured)",
                 cpus,
             )
-        gpus = int(getattr(request, "gpus", 0) or 0)
+        gpus = int(request.gpus or 0)
         if gpus:
             need("gpus", "GPU", gpus)
-        memory = int(getattr(request, "memory", 0) or 0)
+        memory = int(request.memory or 0)
         if memory:
             if "MEMORY" in declared:
                 need("memory", "MEMORY", memory)
@@ -729,7 +729,7 @@ class DaskExecutionBackend(ExecutionBackend):
                     "requests are checked against their memory limit but not "
                     "reserved (start workers with --resources MEMORY=bytes)",
                 )
-        for resource, amount in (getattr(request, "custom", None) or {}).items():
+        for resource, amount in (request.custom or {}).items():
             if amount:
                 need(resource, resource, amount)
         return wanted

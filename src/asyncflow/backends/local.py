@@ -111,8 +111,15 @@ def _drain_in_thread(
             raise
         # Only calls that ran short are taken several at a time, and only
         # calls of the same definition: a worker never holds long work that
-        # an idle one could have run.
-        short = task._definition if _perf_counter() - began < SHORT_TASK * ran else None
+        # an idle one could have run. Never calls with a timeout: theirs
+        # would count while they wait behind the others of their chunk.
+        definition = task._definition
+        short = (
+            definition
+            if definition.reliability is None
+            and _perf_counter() - began < SHORT_TASK * ran
+            else None
+        )
         # The chunk ran in the first task's slot: give that back once.
         following = gate.release(grant, "fn", keep="fn", short=short)
         if following is None:
