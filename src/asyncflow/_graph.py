@@ -19,10 +19,12 @@ import contextvars
 import logging
 from asyncio.events import _get_running_loop
 from collections import deque
+from collections.abc import Sequence
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import REMOTE
+from .backends.noop import DRY_RUN_RESULT
 from .errors import DependencyFailureError
 from .events import Observers
 from .tasks import TaskDefinition, TaskFuture, TaskKind, TaskState
@@ -181,33 +183,61 @@ class Graph:
                     description = {**description, **extra}
             if "workflow_id" in kwargs:
                 workflow_id = kwargs.pop("workflow_id")
-        deps = find_dependencies(args, kwargs) if args or kwargs else None
-        if deps is not None:
-            for dep in deps:
-                if dep._engine is not self._engine:
-                    raise ValueError(
-                        f"task {name!r} was given the future of {dep.name!r} "
-                        f"({dep.uid}) from another WorkflowEngine; dependencies "
-                        "must come from the same engine"
-                    )
+        else:
+            kwargs = _NO_KWARGS  # not one empty dict per waiting task
+        deps: Sequence[TaskFuture] | None = None
+        # Whether every dependency has succeeded with its value here.
+        settled = True
+        if args or kwargs:
+            found: list[TaskFuture] = []
+            only_futures = True  # every argument is a future, none in a container
+            for value in args:  # find_dependencies, inlined for speed
+                kind = type(value)
+                if kind is TaskFuture:
+                    found.append(value)
+                else:
+                    only_futures = False
+                    if kind in _CONTAINERS:
+                        _scan(value, found)
+            if kwargs:
+                only_futures = False
+                for value in kwargs.values():
+                    _scan(value, found)
+            if found:
+                if len(found) > 2:
+                    found = list(dict.fromkeys(found))
+                elif len(found) == 2 and found[0] is found[1]:
+                    del found[1]
+                # The arguments themselves when they are the dependencies:
+                # no list per task.
+                deps = args if only_futures and len(found) == len(args) else found
+                engine = self._engine
+                for dep in deps:
+                    if dep._engine is not engine:
+                        raise ValueError(
+                            f"task {name!r} was given the future of {dep.name!r} "
+                            f"({dep.uid}) from another WorkflowEngine; "
+                            "dependencies must come from the same engine"
+                        )
+                    if settled and not (dep.state is DONE and _future_done(dep)):
+                        settled = False
 
         self._counter += 1
         task = TaskFuture(loop=self._loop)
         task._seq = self._counter
+        task._definition = definition
+        task._uid = None  # made from _seq when first asked for
         if self._hold_after is not None:
             preparing = self.preparing_var.get()
             if preparing is not None:
+                task._uid = task.uid
                 task._seq = preparing._seq
-        task.uid = (
-            f"{'block' if definition.kind is BLOCK else 'task'}.{self._counter:06d}"
-        )
         task.name = name
         task.state = PENDING
         task.args = args
         task.kwargs = kwargs
         task.workflow_id = workflow_id
         task._engine = self._engine
-        task._definition = definition
         task._description = description
         task._dependents = None
         task._members = None
@@ -223,13 +253,30 @@ class Graph:
         task.submitted_at = task.started_at = task.finished_at = None
         block = self.block_var.get()
         task._block = block
+        if self._logging is None and log.isEnabledFor(logging.DEBUG):
+            self._log_events()
+        if (
+            definition.kind is FUNCTION
+            and (definition.backend or self.default_backend).completes_at_call
+            and not self.observers.active
+            and self._hold_after is None
+            and self.store is None
+            and settled
+        ):
+            # A dry run: the task finishes here, before the call returns.
+            task.state = DONE
+            task.attempts = 1
+            task.submitted_at = task.started_at = task.finished_at = _time()
+            task.args = ()
+            task.kwargs = _NO_KWARGS
+            task._deps = task._block = None
+            _set_result(task, DRY_RUN_RESULT)
+            return task
+        self.live.add(task)
         if block is not None:
             if block._members is None:
                 block._members = set()
             block._members.add(task)
-        self.live.add(task)
-        if self._logging is None and log.isEnabledFor(logging.DEBUG):
-            self._log_events()
         if self.observers.active:
             self._event(
                 "created",
@@ -256,10 +303,13 @@ class Graph:
                 cancelled = dep
             else:
                 task._waiting += 1
-                if dep._dependents is None:
-                    dep._dependents = [task]
+                dependents = dep._dependents
+                if dependents is None:
+                    dep._dependents = task
+                elif isinstance(dependents, list):
+                    dependents.append(task)
                 else:
-                    dep._dependents.append(task)
+                    dep._dependents = [dependents, task]
         if failed is not None:
             self._finish(task, FAILED, self._dependency_error(task, failed))
         elif cancelled is not None:
@@ -272,7 +322,7 @@ class Graph:
             self._enqueue(task)
         return task
 
-    def _chainable(self, task: TaskFuture, deps: list[TaskFuture]) -> bool:
+    def _chainable(self, task: TaskFuture, deps: Sequence[TaskFuture]) -> bool:
         """Whether ``task`` may go to its backend before its dependencies end.
 
         Only function tasks without retries or timeouts, with no checkpoint,
@@ -380,6 +430,8 @@ class Graph:
         if dependents is None:
             return
         task._dependents = None
+        if type(dependents) is TaskFuture:
+            dependents = [dependents]
         if state is DONE:
             for dep in dependents:
                 if dep.state is PENDING:
@@ -396,6 +448,8 @@ class Graph:
         upstream = [(task, dependents)]
         while upstream:
             task, dependents = upstream.pop()
+            if type(dependents) is TaskFuture:
+                dependents = [dependents]
             if task.state is FAILED:
                 # Its error lives on in the dependents' errors: asyncio
                 # reports an unretrieved one at the end of the chain.

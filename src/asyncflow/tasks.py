@@ -11,7 +11,7 @@ import asyncio
 import enum
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .resources import Request
@@ -244,6 +244,7 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "_remote",
         "_seq",
         "_timer",
+        "_uid",
         "_waiting",
         "args",
         "attempts",
@@ -254,11 +255,9 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "started_at",
         "state",
         "submitted_at",
-        "uid",
         "workflow_id",
     )
 
-    uid: str
     name: str
     state: TaskState
     args: tuple[Any, ...]
@@ -278,8 +277,9 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     _engine: WorkflowEngine
     _definition: TaskDefinition
     _description: dict[str, Any]
-    _deps: list[TaskFuture] | None
-    _dependents: list[TaskFuture] | None
+    _deps: Sequence[TaskFuture] | None
+    #: One dependent task, or a list of them (most tasks have one or none).
+    _dependents: TaskFuture | list[TaskFuture] | None
     _waiting: int
     _block: TaskFuture | None
     _members: set[TaskFuture] | None
@@ -290,6 +290,22 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     _key: str | None
     _remote: Any
     """The backend's handle on the value it keeps (a Dask future), or None."""
+
+    _uid: str | None
+    """The uid, once made: it is made from ``_seq`` when first asked for."""
+
+    @property
+    def uid(self) -> str:
+        """The task's id in its engine: ``task.000001``, ``block.000002``, ..."""
+        uid = self._uid
+        if uid is None:
+            kind = "block" if self._definition.kind is TaskKind.BLOCK else "task"
+            uid = self._uid = f"{kind}.{self._seq:06d}"
+        return uid
+
+    @uid.setter
+    def uid(self, value: str) -> None:
+        self._uid = value
 
     @property
     def kind(self) -> TaskKind:

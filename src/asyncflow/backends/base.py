@@ -94,6 +94,13 @@ class ExecutionBackend(abc.ABC):
     #: on it; it must start the task only once they have succeeded.
     passes_futures: bool = False
 
+    #: True when the backend finishes function tasks without running them
+    #: (``NoopExecutionBackend(eager=True)``): with no observers, checkpoint
+    #: or command body ahead of it, such a task whose dependencies have
+    #: succeeded is settled DONE with ``DRY_RUN_RESULT`` during its call, and
+    #: never reaches :meth:`submit`.
+    completes_at_call: bool = False
+
     #: Task kinds this backend can run; others fail with NotImplementedError.
     kinds: frozenset[TaskKind] = frozenset(
         {TaskKind.FUNCTION, TaskKind.EXECUTABLE, TaskKind.PROMPT}
