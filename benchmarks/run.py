@@ -137,15 +137,16 @@ GROUPS: tuple[Group, ...] = (
     Group(
         "W1 observed",
         "W1",
-        "the same 10,000 no-op def tasks watched: a trace file, a progress "
-        "display (stderr to a file), and neither",
+        "the same 10,000 no-op tasks watched: a trace file, a progress "
+        "display (stderr to a file), and neither; async def bodies as in W1, "
+        "then def bodies",
         TASKS_PER_S,
         (
-            Case("asyncflow", 10_000, "def", 200, label="AsyncFlow (ours), plain"),
+            Case("asyncflow", 10_000, "", 200, label="AsyncFlow (ours), plain"),
             Case(
                 "asyncflow",
                 10_000,
-                "def-trace",
+                "trace",
                 200,
                 label="AsyncFlow (ours), trace",
                 note="every event written to a JSON-lines file",
@@ -153,9 +154,26 @@ GROUPS: tuple[Group, ...] = (
             Case(
                 "asyncflow",
                 10_000,
-                "def-progress",
+                "progress",
                 200,
                 label="AsyncFlow (ours), progress",
+                note="plain-line mode (stderr is not a terminal)",
+            ),
+            Case("asyncflow", 10_000, "def", 200, label="AsyncFlow (ours), def, plain"),
+            Case(
+                "asyncflow",
+                10_000,
+                "def-trace",
+                200,
+                label="AsyncFlow (ours), def, trace",
+                note="every event written to a JSON-lines file",
+            ),
+            Case(
+                "asyncflow",
+                10_000,
+                "def-progress",
+                200,
+                label="AsyncFlow (ours), def, progress",
                 note="plain-line mode (stderr is not a terminal)",
             ),
         ),
@@ -740,17 +758,23 @@ TARGETS: tuple[Target, ...] = (
         lambda q: _at_most(1.5e9 / 2**20)(q("W4 1M", "asyncflow", "", "peak_rss_mb")),
         lambda v: f"{v:,.0f} MiB",
     ),
-    Target(
-        "W1",
-        "W1 with a trace file: throughput >= 90% of the same run without",
-        _share_of("W1 observed", "def-trace", "def", 0.9),
-        _times,
+    *(
+        Target(
+            "W1",
+            f"W1{label} with a trace file: throughput >= 90% of the same run without",
+            _share_of("W1 observed", f"{prefix}trace", prefix[:-1], 0.9),
+            _times,
+        )
+        for prefix, label in (("", ""), ("def-", " def bodies"))
     ),
-    Target(
-        "W1",
-        "W1 with progress on: throughput >= 85% of the same run without",
-        _share_of("W1 observed", "def-progress", "def", 0.85),
-        _times,
+    *(
+        Target(
+            "W1",
+            f"W1{label} with progress on: throughput >= 85% of the same run without",
+            _share_of("W1 observed", f"{prefix}progress", prefix[:-1], 0.85),
+            _times,
+        )
+        for prefix, label in (("", ""), ("def-", " def bodies"))
     ),
     Target(
         "W1",

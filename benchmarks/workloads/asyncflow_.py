@@ -48,20 +48,22 @@ async def _engine(variant: str) -> WorkflowEngine:
 async def wide(size: int, variant: str) -> dict[str, Any]:
     """W1: independent no-op tasks on a thread pool.
 
-    Variants ``def-trace`` and ``def-progress`` watch the same run with a
-    trace file (in the run's scratch directory) or the progress display;
-    ``def-resources`` declares cpus, memory and a custom resource on every
-    task, all admitted by the backend.
+    Variants ``trace`` and ``progress`` (``def-trace``, ``def-progress``
+    with ``def`` bodies) watch the same run with a trace file (in the run's
+    scratch directory) or the progress display; ``def-resources`` declares
+    cpus, memory and a custom resource on every task, all admitted by the
+    backend.
     """
     probe = Probe()
-    if variant in ("def-trace", "def-progress"):
+    watch = variant.removeprefix("def-")
+    if watch in ("trace", "progress"):
         backend = await LocalExecutionBackend(ThreadPoolExecutor(THREADS))
         flow = await WorkflowEngine.create(
             backend=backend,
-            trace=Path("w1-trace.jsonl").resolve() if variant == "def-trace" else None,
-            progress=variant == "def-progress",
+            trace=Path("w1-trace.jsonl").resolve() if watch == "trace" else None,
+            progress=watch == "progress",
         )
-        variant = "def"
+        variant = variant.removesuffix(watch).removesuffix("-")
     else:
         flow = await _engine("threads")
     if variant == "def-resources":

@@ -171,11 +171,17 @@ class Scheduler(Attempts):
 
     def _submit(self, backend: ExecutionBackend, tasks: list[TaskFuture]) -> None:
         now = _time()
-        observed = self.observers.active
-        for task in tasks:
-            task.submitted_at = now
-            if observed:
-                self._event("submitted", task, now)
+        observers = self.observers
+        if observers.active:
+            pending = observers.pending
+            for task in tasks:
+                task.submitted_at = now
+                pending += ("submitted", now, task, task.attempts, None, None, None)
+            if not observers._scheduled:
+                observers.schedule()
+        else:
+            for task in tasks:
+                task.submitted_at = now
         try:
             backend.submit(tasks)
         except Exception as exc:
@@ -396,10 +402,30 @@ class Scheduler(Attempts):
             return
         if attempt is not None and attempt != task.attempts:
             return  # the engine moved past that attempt (it timed out)
-        if self.observers.active and task._definition.reliability is None:
+        observers = self.observers
+        if (
+            observers.active
+            and task.state is RUNNING
+            and task._definition.reliability is None
+        ):
             # The worker noted the start time without a report of its own:
-            # the started event goes out now, with that time.
-            self.started(task, task.attempts)
+            # the started event goes out now, with that time (as started()
+            # does, inlined: once per task).
+            started = task.started_at
+            submitted = task.submitted_at
+            if started is None or (submitted is not None and started < submitted):
+                task.started_at = started = _time()
+            observers.pending += (
+                "started",
+                started,
+                task,
+                task.attempts,
+                None,
+                None,
+                None,
+            )
+            if not observers._scheduled:
+                observers.schedule()
         if ok is True:
             self._finish(task, DONE, value)
         elif not self.closing:  # else: work stopped by the shutdown (CANCELLED)

@@ -42,6 +42,8 @@ DONE = TaskState.DONE
 FAILED = TaskState.FAILED
 CANCELLED = TaskState.CANCELLED
 _TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+#: The event kind of each final state.
+_FINAL_KIND = {DONE: "done", FAILED: "failed", CANCELLED: "cancelled"}
 
 FUNCTION = TaskKind.FUNCTION
 EXECUTABLE = TaskKind.EXECUTABLE
@@ -277,18 +279,28 @@ class Graph:
             if block._members is None:
                 block._members = set()
             block._members.add(task)
-        if self.observers.active:
-            self._event(
-                "created",
-                task,
-                extra=(
-                    block.uid if block is not None else None,
-                    tuple(d.uid for d in deps) if deps else (),
-                    definition.kind._value_,  # cheaper than .value
-                    deps or (),
-                ),
+        observers = self.observers
+        if observers.active:
+            now = _time()
+            task._uid = task.uid  # made once, read from the slot from now on
+            extra = (
+                block.uid if block is not None else None,
+                tuple([d.uid for d in deps]) if deps else (),
+                definition.kind._value_,  # cheaper than .value
+                deps or (),
             )
-
+            if deps is None:  # created and ready at once: one append for both
+                observers.pending += (
+                    *("created", now, task, 0, None, None, extra),
+                    *("ready", now, task, 0, None, None, None),
+                )
+                if not observers._scheduled:
+                    observers.schedule()
+                self._enqueue(task)
+                return task
+            observers.pending += ("created", now, task, 0, None, None, extra)
+            if not observers._scheduled:
+                observers.schedule()
         if deps is None:
             self._release(task)
             return task
@@ -482,14 +494,19 @@ class Graph:
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None
-        if self.observers.active:
-            self._event(
-                "restored" if task.restored else state._value_.lower(),
-                task,
+        observers = self.observers
+        if observers.active:
+            observers.pending += (  # as _event does, inlined: once per task
+                "restored" if task.restored else _FINAL_KIND[state],
                 now,
-                duration=now - started if started is not None else None,
-                error=value if state is not DONE else None,
+                task,
+                task.attempts,
+                now - started if started is not None else None,
+                value if state is not DONE else None,
+                None,
             )
+            if not observers._scheduled:
+                observers.schedule()
         if state is DONE:
             if value is REMOTE:
                 # Its value stays with the backend until someone waits for it

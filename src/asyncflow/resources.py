@@ -108,7 +108,7 @@ def _count(value: Any, what: str) -> int:
 class Request:
     """What one task asks for; built from a ``resources=`` mapping."""
 
-    __slots__ = ("cpus", "custom", "gpus", "memory")
+    __slots__ = ("_hash", "cpus", "custom", "gpus", "memory")
 
     def __init__(
         self,
@@ -121,6 +121,7 @@ class Request:
         self.gpus = gpus
         self.memory = memory
         self.custom: dict[str, int] = dict(custom or {})
+        self._hash: int | None = None  # a request is never changed once made
 
     @classmethod
     def parse(cls, resources: Any) -> Request | None:
@@ -162,7 +163,10 @@ class Request:
         return isinstance(other, Request) and self.as_dict() == other.as_dict()
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self.as_dict().items())))
+        # Waiting tasks are queued by request: hashed once per task.
+        if self._hash is None:
+            self._hash = hash(tuple(sorted(self.as_dict().items())))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"Request({self.as_dict()!r})"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from asyncflow import LocalExecutionBackend, WorkflowEngine
+from asyncflow import LocalExecutionBackend, TaskEvent, WorkflowEngine
 from asyncflow.observers import progress
 from asyncflow.observers.progress import RETRY_MESSAGE, ProgressDisplay
 
@@ -465,7 +465,7 @@ async def test_close_is_idempotent_and_never_raises(
 SCRIPT = textwrap.dedent(
     """
     import asyncio
-    from asyncflow import LocalExecutionBackend, WorkflowEngine
+    from asyncflow import LocalExecutionBackend, TaskEvent, WorkflowEngine
 
     async def main(n):
         async with await WorkflowEngine.create(
@@ -506,3 +506,68 @@ def test_asyncio_run_in_a_script_with_many_engines(tmp_path: Path) -> None:
     done_counts = [found["done"] for found in summaries(done.stderr)]
     assert done_counts == [10, 20, 0, 0, 0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the batch path -------------------------------------------------------------
+
+
+class _Task(SimpleNamespace):
+    """A stand-in for a TaskFuture: hashed by identity, as records key them."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+def _lifecycles(seed: int, tasks: int) -> list[tuple[str, float, Any]]:
+    """Interleaved lifecycles, some with retries and some never started."""
+    import random
+
+    rng = random.Random(seed)
+    steps = []
+    for n in range(tasks):
+        task = _Task(uid=f"task.{n:06d}", name=f"t{n}")
+        path = ["submitted", "started"] * (1 + (rng.random() < 0.2))
+        path = [*path[:2], "retried", *path[2:]] if len(path) == 4 else path
+        if rng.random() < 0.1:
+            path = path[:1]  # submitted only: still waiting at the end
+        elif rng.random() < 0.8:
+            path.append(rng.choice(["done", "failed", "cancelled"]))
+        steps.append([(kind, task) for kind in path])
+    events: list[tuple[str, float, Any]] = []
+    clock = 0.0
+    while any(steps):
+        lifecycle = rng.choice([s for s in steps if s])
+        kind, task = lifecycle.pop(0)
+        clock += 1.0
+        events.append((kind, clock, task))
+    return events
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_batches_of_records_count_as_events_one_by_one(seed: int) -> None:
+    """The C-level batch path of ``records`` ends where taking the same
+    events one at a time does: counts, running tasks and their order."""
+    import random
+
+    events = _lifecycles(seed, 60)
+    one_by_one = ProgressDisplay(fake_engine("one"))
+    batched = ProgressDisplay(fake_engine("batched"))
+    try:
+        rng = random.Random(seed)
+        start = 0
+        while start < len(events):
+            end = start + rng.randint(1, 25)
+            flat: list[Any] = []
+            for kind, when, task in events[start:end]:
+                flat += (kind, when, task, 1, None, None, None)
+                one_by_one(TaskEvent(kind, when, task.uid, task.name))
+            batched.records(flat)
+            start = end
+        assert batched.counts == one_by_one.counts
+        assert batched.state_counts() == one_by_one.state_counts()
+        running = [(name, uid) for name, uid, _ in batched.longest_running(100)]
+        assert running == [(n, u) for n, u, _ in one_by_one.longest_running(100)]
+        assert running  # some tasks are still running or waiting at the end
+    finally:
+        one_by_one.close()
+        batched.close()

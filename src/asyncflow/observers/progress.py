@@ -36,7 +36,8 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from itertools import chain, islice
+from collections.abc import Callable, Iterable
+from itertools import chain, compress, islice, repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,11 @@ RETRY_MESSAGE = "task %r (%s) attempt %d of %d failed"
 _SCHEDULER_LOGGER = "asyncflow.scheduler"
 
 _TIME = itemgetter(1)
+_TASK = itemgetter(2)
+_SUBMITTED = "submitted".__eq__
+_STARTED = "started".__eq__
+#: Runs an iterator to its end, keeping nothing.
+_consume: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend
 _FINAL_ORDER = ("done", "failed", "cancelled", "restored")
 _STYLES = {
     "running": "blue",
@@ -166,7 +172,8 @@ class ProgressDisplay:
         """
         kinds = flat[0::RECORD_SIZE]
         counts = self.counts
-        for kind, n in Counter(kinds).items():
+        tally = Counter(kinds)
+        for kind, n in tally.items():
             counts[kind] = counts.get(kind, 0) + n
         submitted = self._submitted
         started = self._started
@@ -175,6 +182,32 @@ class ProgressDisplay:
         leaves = _LEAVES_RUNNING
         times = flat[1::RECORD_SIZE]
         tasks = flat[2::RECORD_SIZE]
+        if "retried" not in tally:
+            # Each kind in one C-level pass, in lifecycle order: the same
+            # outcome as taking the records one by one, since without a
+            # retry no task goes back to an earlier step within the batch.
+            if "submitted" in tally:
+                chosen = list(
+                    compress(
+                        zip(kinds, times, tasks, strict=True), map(_SUBMITTED, kinds)
+                    )
+                )
+                submitted.update(zip(map(_TASK, chosen), chosen, strict=True))
+            if "started" in tally:
+                chosen = list(
+                    compress(
+                        zip(kinds, times, tasks, strict=True), map(_STARTED, kinds)
+                    )
+                )
+                keys = list(map(_TASK, chosen))
+                _consume(map(forget_submitted, keys, repeat(None)))
+                _consume(map(forget_started, keys, repeat(None)))  # to the end
+                started.update(zip(keys, chosen, strict=True))
+            if not leaves.isdisjoint(tally):
+                keys = list(compress(tasks, map(leaves.__contains__, kinds)))
+                _consume(map(forget_started, keys, repeat(None)))
+                _consume(map(forget_submitted, keys, repeat(None)))
+            return
         for record in zip(kinds, times, tasks, strict=True):
             kind = record[0]
             if kind == "submitted":

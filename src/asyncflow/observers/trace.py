@@ -41,7 +41,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from ..events import RECORD_SIZE, backend_name
+from ..events import EVENT_KINDS, RECORD_SIZE, backend_name
 from ._lines import LinesFile
 
 __all__ = [
@@ -81,11 +81,22 @@ _encode = json.JSONEncoder(
     default=str, ensure_ascii=False, check_circular=False, separators=(",", ":")
 ).encode
 _uid = attrgetter("uid")
+_made_uid = attrgetter("_uid")
 _name = attrgetter("name")
 _workflow = attrgetter("workflow_id")
 _definition = attrgetter("_definition")
 _micro = (1e6).__mul__
 _ending = ENDING_KINDS.__contains__
+#: Each event kind as JSON text.
+_QUOTED_KIND = {kind: json.dumps(kind) for kind in EVENT_KINDS}
+
+
+def _join_ints(values: Any) -> str:
+    """Integers as the inside of a JSON list (JSON's C encoder is the
+    quickest at this)."""
+    return _encode(list(values))[1:-1]
+
+
 # A record's fields, in the scheduler's flat list.
 _KIND, _TIME, _TASK, _ATTEMPT, _DURATION, _ERROR, _EXTRA = range(RECORD_SIZE)
 
@@ -142,34 +153,49 @@ class TraceWriter:
 
     def _line(self, flat: list[Any], start: int, end: int) -> str:
         """The line of the records in ``flat[start:end]``, made with C-level
-        passes over them (Python code runs per error only)."""
+        passes over them (Python code runs per error only). The columns
+        every line has are joined as text; the others go through JSON."""
         kinds = flat[start + _KIND : end : RECORD_SIZE]
         tasks = flat[start + _TASK : end : RECORD_SIZE]
-        line: dict[str, Any] = {
-            "kind": kinds,
-            "time": list(
-                map(int, map(_micro, flat[start + _TIME : end : RECORD_SIZE]))
-            ),
-            "uid": list(map(_uid, tasks)),
-            "attempt": flat[start + _ATTEMPT : end : RECORD_SIZE],
-        }
+        uids = list(map(_made_uid, tasks))
+        if None in uids:  # a task created while nothing watched
+            uids = list(map(_uid, tasks))
+        uid_text = '","'.join(uids)
+        if (
+            uid_text.count('"') != 2 * len(uids) - 2
+            or "\\" in uid_text
+            or not uid_text.isprintable()
+        ):  # not a uid the engine made: let JSON quote it
+            uid_text = _encode(uids)[2:-2]
+        attempts = flat[start + _ATTEMPT : end : RECORD_SIZE]
+        attempt_text = _join_ints(attempts)
+        head = (
+            f'{{"kind":[{",".join(map(_QUOTED_KIND.__getitem__, kinds))}],'
+            f'"time":[{_join_ints(map(int, map(_micro, flat[start + _TIME : end : RECORD_SIZE])))}],'
+            f'"uid":["{uid_text}"],"attempt":[{attempt_text}]'
+        )
+        rest: dict[str, Any] = {}
         count = len(kinds)
         durations = flat[start + _DURATION : end : RECORD_SIZE]
         errors = flat[start + _ERROR : end : RECORD_SIZE]
         if durations.count(None) != count or errors.count(None) != count:
             ending = list(map(_ending, kinds))
             durations = list(compress(durations, ending))
-            if durations.count(None) != len(durations):
-                line["duration"] = [
+            if None not in durations:
+                head += f',"duration":[{_join_ints(map(int, map(_micro, durations)))}]'
+            elif durations.count(None) != len(durations):
+                rest["duration"] = [
                     None if d is None else int(d * 1e6) for d in durations
                 ]
             errors = list(compress(errors, ending))
             if errors.count(None) != len(errors):
-                line["error"] = [None if e is None else _error_text(e) for e in errors]
+                rest["error"] = [None if e is None else _error_text(e) for e in errors]
         extras = flat[start + _EXTRA : end : RECORD_SIZE]
         if extras.count(None) != count:
-            self._created(line, list(compress(tasks, extras)), extras)
-        return _encode(line)
+            self._created(rest, list(compress(tasks, extras)), extras)
+        if not rest:
+            return head + "}"
+        return f"{head},{_encode(rest)[1:]}"
 
     def _created(
         self, line: dict[str, Any], tasks: list[Any], extras: list[Any]
