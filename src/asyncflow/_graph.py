@@ -185,8 +185,6 @@ class Graph:
                     description = {**description, **extra}
             if "workflow_id" in kwargs:
                 workflow_id = kwargs.pop("workflow_id")
-        else:
-            kwargs = _NO_KWARGS  # not one empty dict per waiting task
         deps: Sequence[TaskFuture] | None = None
         # Whether every dependency has succeeded with its value here.
         settled = True
@@ -261,6 +259,11 @@ class Graph:
             definition.kind is FUNCTION
             and (definition.backend or self.default_backend).completes_at_call
             and not self.observers.active
+            # Tasks called before it that have not been dispatched (one may
+            # be a command body, which runs first) or a body being evaluated
+            # keep call order: it ends as usual.
+            and not self._ready
+            and not self._flushing
             and self._hold_after is None
             and self.store is None
             and settled

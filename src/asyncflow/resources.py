@@ -162,6 +162,10 @@ class Request:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Request) and self.as_dict() == other.as_dict()
 
+    def __reduce__(self) -> tuple[type[Request], tuple[int, int, int, dict[str, int]]]:
+        # Not the cached hash: string hashes differ between processes.
+        return Request, (self.cpus, self.gpus, self.memory, self.custom)
+
     def __hash__(self) -> int:
         # Waiting tasks are queued by request: hashed once per task.
         if self._hash is None:
@@ -517,6 +521,11 @@ class Gate:
                 queue = self._classes.get(key)
                 if queue is None:
                     queue = self._classes[key] = deque()
+                    behind = False
+                else:
+                    # Tasks of its class already wait: it cannot start
+                    # before them, and nothing was freed since they could not.
+                    behind = bool(queue)
                 self._count += 1
                 entry: _Entry = [
                     task,
@@ -532,7 +541,7 @@ class Gate:
                     queue.append(entry)
                 self._lane_waiting[lane] += 1
                 # Nothing was freed: only the new task itself may start now.
-                if self._fits(request, lane):
+                if not behind and self._fits(request, lane):
                     started.extend(
                         (e[0], e[1], granted) for e, granted in self._admit()
                     )

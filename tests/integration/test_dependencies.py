@@ -320,3 +320,17 @@ async def test_finished_tasks_release_their_arguments(
     gc.collect()
     assert ref() is None, "a finished task still holds its resolved arguments"
     assert result.args == ()
+
+
+async def test_calls_without_keywords_do_not_share_their_kwargs(make_engine) -> None:
+    """A backend may write into a waiting task's kwargs: no other call sees it."""
+    flow = await make_engine("asyncio")
+
+    @flow.function_task
+    async def show(**kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    first, second = show(), show()
+    first.kwargs["tag"] = "first"
+    assert second.kwargs == {}
+    assert await asyncio.gather(first, second) == [{"tag": "first"}, {}]

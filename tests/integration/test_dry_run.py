@@ -116,7 +116,10 @@ async def test_eager_task_with_a_failed_dependency_fails_with_its_cause() -> Non
         await flow.shutdown()
 
 
-async def test_eager_tasks_wait_for_a_command_body_called_before_them() -> None:
+@pytest.mark.parametrize("body_started", [False, True])
+async def test_eager_tasks_wait_for_a_command_body_called_before_them(
+    body_started: bool,
+) -> None:
     flow = await eager_engine()
     try:
         release = asyncio.Event()
@@ -133,7 +136,8 @@ async def test_eager_tasks_wait_for_a_command_body_called_before_them() -> None:
             return None
 
         first = command()
-        await asyncio.sleep(0)  # the body starts and waits
+        if body_started:
+            await asyncio.sleep(0)  # the body starts and waits
         second = step()
         assert second.state == "PENDING"
         second.add_done_callback(lambda _: order.append("step"))

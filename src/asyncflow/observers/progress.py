@@ -182,10 +182,14 @@ class ProgressDisplay:
         leaves = _LEAVES_RUNNING
         times = flat[1::RECORD_SIZE]
         tasks = flat[2::RECORD_SIZE]
-        if "retried" not in tally:
+        if "retried" not in tally and (
+            tally["started"] < 2
+            or len(set(compress(tasks, map(_STARTED, kinds)))) == tally["started"]
+        ):
             # Each kind in one C-level pass, in lifecycle order: the same
             # outcome as taking the records one by one, since without a
-            # retry no task goes back to an earlier step within the batch.
+            # retry, or a task started twice (its worker was lost), no task
+            # goes back to an earlier step within the batch.
             if "submitted" in tally:
                 chosen = list(
                     compress(
