@@ -761,18 +761,13 @@ TARGETS: tuple[Target, ...] = (
     *(
         Target(
             "W1",
-            f"W1{label} with a trace file: throughput >= 90% of the same run without",
-            _share_of("W1 observed", f"{prefix}trace", prefix[:-1], 0.9),
+            f"W1{label} with {what}: throughput >= {floor:.0%} of the same run without",
+            _share_of("W1 observed", f"{prefix}{watch}", prefix[:-1], floor),
             _times,
         )
-        for prefix, label in (("", ""), ("def-", " def bodies"))
-    ),
-    *(
-        Target(
-            "W1",
-            f"W1{label} with progress on: throughput >= 85% of the same run without",
-            _share_of("W1 observed", f"{prefix}progress", prefix[:-1], 0.85),
-            _times,
+        for watch, what, floor in (
+            ("trace", "a trace file", 0.9),
+            ("progress", "progress on", 0.85),
         )
         for prefix, label in (("", ""), ("def-", " def bodies"))
     ),
