@@ -30,7 +30,7 @@ clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
 
 # The side-by-side benchmark suite (benchmarks/README.md): builds
-# benchmarks/.venv with the pinned peers, takes ~12 minutes on 2 cores.
+# benchmarks/.venv with the pinned peers, takes ~25 minutes on 2 cores.
 bench:
 	$(PYTHON) benchmarks/run.py
 

@@ -158,3 +158,35 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path: Path) -> None:
     assert "test CPU" in text
     assert "## Targets" in text
     assert text.count("| met |") + text.count("**not met**") == len(targets)
+
+
+@pytest.mark.parametrize("bodies", [[], ["--async"]])
+def test_loop_cost_reports_every_configuration(bodies: list[str]) -> None:
+    """``loop_cost.py`` runs and prints a line per configuration (its
+    figures are never checked: they measure the machine)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "loop_cost.py"),
+            "--tasks",
+            "100",
+            "--runs",
+            "1",
+            *bodies,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"W1, 100 no-op {'async' if bodies else 'def'} tasks")
+    assert [line.split()[0] for line in lines[1:]] == [
+        "plain",
+        "null",
+        "trace",
+        "progress",
+    ]
+    assert all("µs/task" in line for line in lines[1:])
