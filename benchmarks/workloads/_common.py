@@ -38,6 +38,15 @@ PAUSE = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def chain_of(step: Callable[[Any], T], size: int) -> T:
+    """W2's graph, the same on every system: ``size`` calls of ``step``,
+    each given the previous call's future (the first, None); the last."""
+    last = step(None)
+    for _ in range(size - 1):
+        last = step(last)
+    return last
+
+
 def tree_reduce(leaves: Sequence[T], combine: Callable[[T, T], T]) -> T:
     """W6's reduction graph, the same on every system: pair neighbours level
     by level (an odd one out moves up unchanged) down to a single root."""

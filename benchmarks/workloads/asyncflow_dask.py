@@ -18,7 +18,7 @@ from typing import Any
 
 from asyncflow import WorkflowEngine
 
-from ._common import Probe, map_reduce_result, tree_reduce
+from ._common import Probe, chain_of, map_reduce_result, tree_reduce
 
 Workload = Callable[[int, str], Any]
 
@@ -50,10 +50,7 @@ async def chain(size: int, variant: str) -> dict[str, Any]:
     flow, dask_ = await _engine()
     step = flow.function_task(dask_.step)
     probe.start()
-    last = step(None)
-    for _ in range(size - 1):
-        last = step(last)
-    await last
+    await chain_of(step, size)
     probe.stop()
     await flow.shutdown()
     return probe.result(tasks=size)

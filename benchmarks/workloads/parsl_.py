@@ -30,7 +30,7 @@ from parsl import bash_app, python_app
 from parsl.config import Config
 from parsl.executors import ThreadPoolExecutor
 
-from ._common import PAUSE, Probe, main, map_reduce_result, tree_reduce
+from ._common import PAUSE, Probe, chain_of, main, map_reduce_result, tree_reduce
 
 SYSTEM = "parsl"
 THREADS = 4
@@ -108,10 +108,7 @@ def chain(size: int, variant: str) -> dict[str, Any]:
     probe = Probe()
     with _loaded():
         probe.start()
-        last = step(None)
-        for _ in range(size - 1):
-            last = step(last)
-        last.result()
+        chain_of(step, size).result()
         probe.stop()
     return probe.result(tasks=size)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from radical.asyncflow import LocalExecutionBackend, WorkflowEngine
 
-from ._common import PAUSE, Probe, main, map_reduce_result, tree_reduce
+from ._common import PAUSE, Probe, chain_of, main, map_reduce_result, tree_reduce
 
 SYSTEM = "radical-asyncflow"
 THREADS = 4
@@ -64,10 +64,7 @@ async def chain(size: int, variant: str) -> dict[str, Any]:
         return previous
 
     probe.start()
-    last = step(None)
-    for _ in range(size - 1):
-        last = step(last)
-    await last
+    await chain_of(step, size)
     probe.stop()
     await flow.shutdown()
     return probe.result(tasks=size)

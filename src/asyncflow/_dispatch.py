@@ -28,6 +28,7 @@ from ._graph import (
     _resolve,
     log,
 )
+from .backends.base import cancelled_itself
 from .tasks import TaskFuture
 
 if TYPE_CHECKING:
@@ -242,13 +243,7 @@ class Scheduler(Attempts):
             if task.state is RUNNING and task.attempts == attempt and not self.closing:
                 # Not our cancel (that settles the task or moves the attempt
                 # on first): the body raised it itself.
-                self._attempt_failed(
-                    task,
-                    RuntimeError(
-                        f"the body of task {task.name!r} ({task.uid}) raised "
-                        "CancelledError of its own"
-                    ),
-                )
+                self._attempt_failed(task, cancelled_itself(task))
                 self._flush_if_ready()
             return
         except BaseException as exc:  # SystemExit & co. fail only this task
@@ -340,11 +335,7 @@ class Scheduler(Attempts):
     def started(self, task: TaskFuture, attempt: int) -> None:
         if task.state is not RUNNING or task.attempts != attempt:
             return
-        started = task.started_at
-        submitted = task.submitted_at
-        if started is None or (submitted is not None and started < submitted):
-            # Not yet noted by the worker for this attempt.
-            task.started_at = started = _time()
+        started = _start_time(task)
         if self.observers.active:
             self._event("started", task, started)
         if task._definition.reliability is not None:
@@ -410,14 +401,10 @@ class Scheduler(Attempts):
         ):
             # The worker noted the start time without a report of its own:
             # the started event goes out now, with that time (as started()
-            # does, inlined: once per task).
-            started = task.started_at
-            submitted = task.submitted_at
-            if started is None or (submitted is not None and started < submitted):
-                task.started_at = started = _time()
+            # records it, inlined: once per task).
             observers.pending += (
                 "started",
-                started,
+                _start_time(task),
                 task,
                 task.attempts,
                 None,
@@ -447,6 +434,17 @@ class Scheduler(Attempts):
             log.warning(
                 "backend %r failed to cancel %s", backend.name, task.uid, exc_info=True
             )
+
+
+def _start_time(task: TaskFuture) -> float:
+    """When the current attempt started: the time its worker noted, else
+    now (noted on the task)."""
+    started = task.started_at
+    submitted = task.submitted_at
+    if started is None or (submitted is not None and started < submitted):
+        # Not yet noted by the worker for this attempt.
+        task.started_at = started = _time()
+    return started
 
 
 def _warn_unhonoured(backend: ExecutionBackend, task: TaskFuture) -> None:

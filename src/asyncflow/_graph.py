@@ -167,6 +167,9 @@ class Graph:
         if _get_running_loop() is not self._loop:
             raise RuntimeError(self._wrong_loop(name))
         if self.closing:
+            interrupted = self._engine._on_call_after_signal
+            if interrupted is not None:
+                interrupted()  # raises KeyboardInterrupt or SystemExit
             raise RuntimeError(
                 f"cannot call task {name!r}: workflow engine {self._engine.uid!r} "
                 "has been shut down; create a new engine to run more work"

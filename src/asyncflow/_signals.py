@@ -89,10 +89,14 @@ class _SignalHub:
         self._hurry: asyncio.Future[None] = loop.create_future()
         # asyncio keeps only weak references to tasks.
         self._shutting_down: asyncio.Task[None] | None = None
+        #: The signal shutting the engines down, and what it did before.
+        self._signal: int | None = None
+        self._signal_previous: Any = None
 
     def add(self, engine: WorkflowEngine) -> None:
         if self.stopping is not None:
             # The program is going down on a signal: so does this engine.
+            engine._on_call_after_signal = self._exit_now
             engine._begin_shutdown(settle=False)
             self.stopping.append(engine)
             return
@@ -152,6 +156,10 @@ class _SignalHub:
             return
         self.stopping = list(self.engines)
         self.engines.clear()
+        self._signal = sig
+        self._signal_previous = self.previous.get(sig)
+        for engine in self.stopping:
+            engine._on_call_after_signal = self._exit_now
         log.warning(
             "received %s: shutting down %d workflow engine(s) (a second Ctrl-C "
             "or SIGTERM kills their running work and exits at once)",
@@ -159,6 +167,15 @@ class _SignalHub:
             len(self.stopping),
         )
         self._shutting_down = self.loop.create_task(self._shut_down(sig, self.stopping))
+
+    def _exit_now(self) -> None:
+        """The program called a task while a signal shuts its engines down
+        (its coroutine runs on between loop turns): end it here as the
+        signal would, when the program has no handler of its own for it
+        (that one is called once the shutdown is done)."""
+        sig = self._signal
+        if sig is not None and not _is_own_handler(self._signal_previous):
+            _exit_as_signalled(sig, None)
 
     async def _shut_down(self, sig: int, engines: list[WorkflowEngine]) -> None:
         hurry = self._hurry
@@ -177,6 +194,12 @@ class _SignalHub:
                 await asyncio.wait(
                     [*pending, hurry], return_when=asyncio.FIRST_COMPLETED
                 )
+        except asyncio.CancelledError:
+            # asyncio.run cancels this when the program's main ended first
+            # (it raised, or returned): every future still ends.
+            for engine in engines:
+                engine._settle_all()
+            raise
         finally:
             # Also when asyncio.run cancels this (the program's main returned
             # meanwhile). From here on an engine created by the program's

@@ -88,6 +88,10 @@ class WorkflowEngine:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._settled = False
         self._handles_signals = False
+        #: Called when the program calls a task after a signal began this
+        #: engine's shutdown (see _signals): ends the program as the signal
+        #: would.
+        self._on_call_after_signal: Callable[[], None] | None = None
         #: Observers the engine made (trace, progress, ...), closed at the end.
         self._builtins: list[Any] = []
         self._graph: Any = None

@@ -751,3 +751,68 @@ def test_ctrl_c_while_async_with_waits_at_its_exit(tmp_path: Path) -> None:
     assert "AFTER BLOCK" not in out
     _, events = read_trace(tmp_path / "run.jsonl")
     assert events[-1]["kind"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("signame", "code", "eager"),
+    [("SIGINT", 130, False), ("SIGINT", 130, True), ("SIGTERM", 143, False)],
+)
+def test_a_signal_while_the_program_still_calls_tasks(
+    tmp_path: Path, signame: str, code: int, eager: bool
+) -> None:
+    """The signal arrives while ``main`` is still building its graph: its next
+    task call ends it as the signal would (not with an error of ours), and
+    every future it made is terminal."""
+    script = tmp_path / "building.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, os, signal, sys
+            from asyncflow import NoopExecutionBackend, WorkflowEngine
+
+            futures = []
+
+            async def main():
+                backend = NoopExecutionBackend(eager={eager})
+                flow = await WorkflowEngine.create(backend=backend)
+
+                @flow.function_task
+                def step(*upstream):
+                    return None
+
+                layer = [step() for _ in range(10)]
+                for i in range(100_000):
+                    if i == 300:
+                        os.kill(os.getpid(), signal.{signame})
+                    if i % 100 == 0:
+                        await asyncio.sleep(0)
+                    layer = [step(layer[j], layer[(j + 1) % 10]) for j in range(10)]
+                    futures.extend(layer)
+                print("BUILT EVERYTHING", flush=True)
+
+            try:
+                asyncio.run(main())
+            except KeyboardInterrupt:
+                print("INTERRUPTED", file=sys.stderr, flush=True)
+                sys.exit(130)
+            finally:
+                left = sum(not f.done() for f in futures)
+                print("CALLED", len(futures), "UNFINISHED", left, flush=True)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=LIVENESS,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    assert "BUILT EVERYTHING" not in done.stdout
+    called, unfinished = done.stdout.split()[1::2]
+    assert int(called) > 0
+    assert unfinished == "0", done.stdout
+    assert "has been shut down" not in done.stderr
+    assert ("INTERRUPTED" in done.stderr) is (signame == "SIGINT")

@@ -23,7 +23,7 @@ from ..resources import (
 from ..tasks import TaskFuture, TaskKind, TaskState
 from ._pool import DaemonThreadPool
 from ._subprocess import SubprocessRunner
-from .base import ExecutionBackend, TaskReporter, log_started
+from .base import ExecutionBackend, TaskReporter, cancelled_itself, log_started
 
 __all__ = ["AsyncioExecutionBackend"]
 
@@ -162,13 +162,7 @@ class AsyncioExecutionBackend(ExecutionBackend):
             ):
                 # Not a cancel of ours (that settles the task or moves the
                 # attempt on first): the body raised CancelledError itself.
-                reporter.failed(
-                    task,
-                    RuntimeError(
-                        f"the body of task {task.name!r} ({task.uid}) raised "
-                        "CancelledError of its own"
-                    ),
-                )
+                reporter.failed(task, cancelled_itself(task))
             return
         except BaseException as exc:  # SystemExit & co. fail only this task
             if task.attempts == attempt:

@@ -33,6 +33,15 @@ def log_started(task: TaskFuture, where: str = "") -> None:
         )
 
 
+def cancelled_itself(task: TaskFuture, what: str = "the body of task") -> RuntimeError:
+    """The error that fails an attempt whose own code raised CancelledError
+    (not a cancel of the engine's, which settles the task or moves the
+    attempt on first)."""
+    return RuntimeError(
+        f"{what} {task.name!r} ({task.uid}) raised CancelledError of its own"
+    )
+
+
 class TaskReporter(Protocol):
     """How a backend tells the engine what happened to a task.
 

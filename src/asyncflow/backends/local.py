@@ -82,12 +82,16 @@ def _drain_in_thread(
     while True:
         began = _perf_counter()
         ran = 1
+        # The task, and the chunk held with it, run in its slot with its
+        # grant: entered once for all of them.
+        token = set_current(grant)
+        pinned = _pin(grant.cpu_ids)
         try:
             together: list[tuple[TaskFuture, int]] = []
             if held is not None and task._definition.is_async:
                 together.append((task, attempt))
             else:
-                _run_granted(task, attempt, grant, reporter, coroutines, stops)
+                _run_in_thread(task, attempt, reporter, coroutines, stops)
             if held is not None:
                 while True:
                     try:
@@ -98,17 +102,21 @@ def _drain_in_thread(
                         # Short async bodies share one turn of the worker's loop.
                         together.append((extra, extra_attempt))
                     else:
-                        _run_granted(
-                            extra, extra_attempt, grant, reporter, coroutines, stops
+                        _run_in_thread(
+                            extra, extra_attempt, reporter, coroutines, stops
                         )
                     ran += 1
                 gate.unhold(held)
                 if together:
-                    _run_together(together, grant, reporter, coroutines, stops)
+                    _run_together(together, reporter, coroutines, stops)
         except BaseException:
             # A bug of ours: never keep the slot (the crash is logged).
             gate.release(grant, "fn")
             raise
+        finally:
+            if pinned is not None:
+                _unpin(pinned)
+            reset_current(token)
         # Only calls that ran short are taken several at a time, and only
         # calls of the same definition: a worker never holds long work that
         # an idle one could have run. Never calls with a timeout: theirs
@@ -127,77 +135,52 @@ def _drain_in_thread(
         (task, attempt, grant), held = following
 
 
-def _run_granted(
-    task: TaskFuture,
-    attempt: int,
-    grant: Grant,
-    reporter: TaskReporter,
-    coroutines: _Coroutines,
-    stops: set[TaskFuture],
-) -> None:
-    token = set_current(grant)
-    pinned = _pin(grant.cpu_ids)
-    try:
-        _run_in_thread(task, attempt, reporter, coroutines, stops)
-    finally:
-        if pinned is not None:
-            _unpin(pinned)
-        reset_current(token)
-
-
 def _run_together(
     tasks: list[tuple[TaskFuture, int]],
-    grant: Grant,
     reporter: TaskReporter,
     coroutines: _Coroutines,
     stops: set[TaskFuture],
 ) -> None:
     """Run short ``async def`` bodies side by side on the worker's loop: one
-    ``run_until_complete`` for all instead of one each."""
+    ``run_until_complete`` for all instead of one each. The caller has
+    entered their grant (each task's context is a copy of its own)."""
     loop = _worker_loop()
     report = reporter.report_threadsafe
-    token = set_current(grant)  # copied into each task's context
-    pinned = _pin(grant.cpu_ids)
     running: list[asyncio.Task[Any]] = []
-    try:
-        for task, attempt in tasks:
-            begun = _begin(task, attempt, reporter, stops)
-            if begun is False:
-                continue
-            handle = begun
-            definition = task._definition
-            try:
-                runner = loop.create_task(
-                    _guarded(definition.function(*task.args, **task.kwargs))
-                )
-            except BaseException as exc:  # the call itself raised
-                stops.discard(task)
-                task.finished_at = _time()
-                report(task, False, exc, attempt)
-                if handle is not None:
-                    handle.set_result(None)
-                continue
-            coroutines[task] = (loop, runner)
-            if (  # cancelled, timed out or shut down before it was registered
-                task in stops
-                or task.state is not _RUNNING
-                or task.attempts != attempt
-                or task._engine._scheduler.closing
-            ):
-                runner.cancel()
-            # Each outcome is reported as soon as it is in, not with the last.
-            runner.add_done_callback(
-                functools.partial(
-                    _ended_together, task, attempt, handle, report, coroutines, stops
-                )
+    for task, attempt in tasks:
+        begun = _begin(task, attempt, reporter, stops)
+        if begun is False:
+            continue
+        handle = begun
+        definition = task._definition
+        try:
+            runner = loop.create_task(
+                _guarded(definition.function(*task.args, **task.kwargs))
             )
-            running.append(runner)
-        if running:
-            loop.run_until_complete(asyncio.wait(running))
-    finally:
-        if pinned is not None:
-            _unpin(pinned)
-        reset_current(token)
+        except BaseException as exc:  # the call itself raised
+            stops.discard(task)
+            task.finished_at = _time()
+            report(task, False, exc, attempt)
+            if handle is not None:
+                handle.set_result(None)
+            continue
+        coroutines[task] = (loop, runner)
+        if (  # cancelled, timed out or shut down before it was registered
+            task in stops
+            or task.state is not _RUNNING
+            or task.attempts != attempt
+            or task._engine._scheduler.closing
+        ):
+            runner.cancel()
+        # Each outcome is reported as soon as it is in, not with the last.
+        runner.add_done_callback(
+            functools.partial(
+                _ended_together, task, attempt, handle, report, coroutines, stops
+            )
+        )
+        running.append(runner)
+    if running:
+        loop.run_until_complete(asyncio.wait(running))
 
 
 async def _guarded(body: Any) -> tuple[bool, Any]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AsyncFlowError
 from ..tasks import TaskFuture, TaskKind
 from ._pool import DaemonThreadPool
-from .base import ExecutionBackend, TaskReporter, log_started
+from .base import ExecutionBackend, TaskReporter, cancelled_itself, log_started
 
 if TYPE_CHECKING:
     import httpx
@@ -214,13 +214,7 @@ class _PromptBackend(ExecutionBackend):
                 and task.attempts == attempt
             ):
                 # Not a cancel of ours: the user's code raised it itself.
-                reporter.failed(
-                    task,
-                    RuntimeError(
-                        f"answering prompt task {task.name!r} ({task.uid}) raised "
-                        "CancelledError of its own"
-                    ),
-                )
+                reporter.failed(task, cancelled_itself(task, "answering prompt task"))
             return
         except BaseException as exc:  # SystemExit & co. fail only this task
             if task.attempts == attempt:
