@@ -218,14 +218,23 @@ class Program:
         tracked too.
         """
         leaders = {int(path.read_text()) for path in self.directory.glob("*.pid")}
-        seen: set[int] = set()
-        for proc in psutil.process_iter():
-            try:
-                if proc.pid in leaders or os.getpgid(proc.pid) in leaders:
-                    self.commands.append(proc)
-                    seen.add(proc.pid)
-            except (ProcessLookupError, psutil.NoSuchProcess):
-                pass
+        # Each shell and its background sleep wrote a PID file; its
+        # foreground sleep may still be starting: wait (bounded) for it.
+        expected = len(leaders) * 3 // 2
+        deadline = time.monotonic() + LIVENESS
+        while True:
+            found: list[psutil.Process] = []
+            for proc in psutil.process_iter():
+                try:
+                    if proc.pid in leaders or os.getpgid(proc.pid) in leaders:
+                        found.append(proc)
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
+            if len(found) >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        self.commands.extend(found)
+        seen = {proc.pid for proc in found}
         assert leaders <= seen, "a command ended before the signal was sent"
 
     def finish(self, bound: float = LIVENESS) -> None:
